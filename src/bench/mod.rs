@@ -1,0 +1,3 @@
+//! `bench`: accuracy, memory and latency of models on a backend, and its reports.
+
+pub mod report;

@@ -1,0 +1,12 @@
+//! shrink: make ONNX CNNs edge-ready — distill, quantize, bench and gate.
+//!
+//! Layers depend one way only: `onnx` → `engine` → `distill`, `quant` → `runtime` →
+//! `bench`, `gate` → `recipe`, `commands`. The binary in `main.rs` is a thin shell over them.
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod commands;
+pub mod hint;
+pub mod onnx;
+pub mod printer;
+pub mod util;
