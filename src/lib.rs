@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod data;
 pub mod hint;
 pub mod onnx;
 pub mod printer;
