@@ -36,7 +36,7 @@ pub enum ChannelOrder {
 
 mod idx;
 mod images;
-mod npy;
+pub mod npy;
 
 use std::path::{Path, PathBuf};
 

@@ -292,3 +292,16 @@ mod tests {
         assert!(read_header(&mut &b"PK\x03\x04garbage"[..]).is_err());
     }
 }
+
+/// Reads one whole array of an `.npz` archive as f32 (for references and small inputs).
+pub fn read_npz_array(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid .npz archive", path.display()))?;
+    let e = entry(&mut archive, &format!("{name}.npy"))?.with_context(|| format!("{} has no array `{name}`", path.display()))?;
+    let mut r = open_entry(path, e)?;
+    let h = read_header(&mut r)?;
+    let n: usize = h.shape.iter().product();
+    let mut buf = vec![0u8; n * h.dtype.size()];
+    r.read_exact(&mut buf).with_context(|| format!("array `{name}` in {} is truncated", path.display()))?;
+    Ok((h.shape, buf.chunks_exact(h.dtype.size()).map(|b| h.dtype.to_f64(b) as f32).collect()))
+}

@@ -113,3 +113,6 @@ pub fn open(model: &[u8], input_shape: &[usize], opts: &RuntimeOptions) -> Resul
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
+
+#[cfg(test)]
+mod tests;
