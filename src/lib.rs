@@ -10,4 +10,5 @@ pub mod data;
 pub mod hint;
 pub mod onnx;
 pub mod printer;
+pub mod recipe;
 pub mod util;
