@@ -5,7 +5,13 @@
 //! [`Source::locate`] replays the document through `serde_norway` with a visitor that walks
 //! down a field path and raises a marker error at the node it is after; the parser stamps
 //! that error with the node's position. This stays right for flow mappings, anchors,
-//! aliases and multi-line values, which a line scanner would get wrong.
+//! aliases and multi-line values, which a line scanner would get wrong, and it uses the same
+//! parser that read the values, so the two never disagree about the document.
+//!
+//! Recipes write references bare even inside flow collections (`[${a.out}, x]`), where
+//! YAML would read the braces as a nested mapping. No YAML crate accepts that, so the text
+//! is rewritten before parsing to quote those references ([`quote_flow_references`]), and
+//! the added quotes are subtracted again from every reported column.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

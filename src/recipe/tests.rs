@@ -1,3 +1,6 @@
+//! Recipes end to end: loading, every kind of rejected recipe, planning, and running with
+//! a fake executor that records its calls.
+
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
