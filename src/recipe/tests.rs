@@ -1006,3 +1006,24 @@ fn recipe_dry_run_rendering_lists_stages_options_and_files() {
     assert!(text.contains("budgets.min_top1"), "{text}");
     assert!(!p.out().exists());
 }
+
+#[test]
+fn recipe_dataset_shorthand_and_empty_stage() {
+    let p = Project::new();
+    let text = QUICKSTART.replace(
+        "  train: { path: ../fixtures/digits_train.npz }",
+        "  train: ../fixtures/digits_train.npz",
+    );
+    let r = p.load(&text, &[]).unwrap();
+    assert_eq!(r.datasets["train"].preprocess, crate::data::Preprocess::default());
+    assert!(r.datasets["train"].path.ends_with("fixtures/digits_train.npz"));
+
+    // `gate:` with nothing under it is reported, not dropped.
+    let text = QUICKSTART.replace(
+        "    report: ${bench.report}\n    budgets: { max_size_bytes: 60000, min_top1: 0.9 }\n",
+        "",
+    );
+    let (e, _) = p.fail(&text, &[]);
+    assert_eq!((e.field.as_str(), e.message.as_str()), ("stages.gate", "missing required key `report`"));
+    assert_eq!(at(&e), (25, 3));
+}
