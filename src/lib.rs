@@ -10,5 +10,6 @@ pub mod data;
 pub mod hint;
 pub mod onnx;
 pub mod printer;
+pub mod recipe;
 pub mod runtime;
 pub mod util;

@@ -1,3 +1,4 @@
 //! `bench`: accuracy, memory and latency of models on a backend, and its reports.
 
+pub mod measure;
 pub mod report;
