@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod gate;
 pub mod hint;
 pub mod onnx;
 pub mod printer;

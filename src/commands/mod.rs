@@ -1,5 +1,7 @@
 //! One module per subcommand; each takes its parsed flags and returns an [`ExitStatus`].
 
+pub mod gate;
+
 /// How a command ended. Errors (bad input, missing files, unsupported ops) are returned as
 /// `Err` and map to exit code 2 in `main`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
