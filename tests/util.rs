@@ -185,3 +185,23 @@ fn check_attributes(mut attrs: &str) -> Result<(), String> {
         attrs = &value[end + 1..];
     }
 }
+
+#[test]
+fn check_xml_rejects_broken_documents() {
+    let decl = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
+    let ok = format!("{decl}<a x=\"1 &amp; 2\"><b/><c>t &lt; u</c></a>\n");
+    assert_eq!(check_xml(&ok).unwrap(), ["a", "b", "c"]);
+    for bad in [
+        "<a><b></a></b>",
+        "<a x=1></a>",
+        "<a>&nbsp;</a>",
+        "<a>x & y</a>",
+        "<a></a><b></b>",
+        "<a>",
+        "<a x=\"<\"></a>",
+        "<a>\u{1}</a>",
+    ] {
+        assert!(check_xml(&format!("{decl}{bad}")).is_err(), "{bad}");
+    }
+    assert!(check_xml("<a></a>").is_err(), "no declaration");
+}

@@ -1,3 +1,5 @@
+//! Unit tests of `evaluate`: every budget passing and failing, missing data, mismatches.
+
 use super::*;
 use crate::bench::report::{Accuracy, Latency, Ratios, SCHEMA};
 use crate::hint::render;
