@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod commands;
 pub mod data;
+pub mod gate;
 pub mod hint;
 pub mod onnx;
 pub mod printer;

@@ -1,5 +1,6 @@
 //! One module per subcommand; each takes its parsed flags and returns an [`ExitStatus`].
 
+pub mod gate;
 pub mod run;
 
 /// How a command ended. Errors (bad input, missing files, unsupported ops) are returned as

@@ -1,0 +1,5 @@
+//! The single integration-test binary: every CLI test runs the real `shrink` executable.
+
+mod util;
+
+mod gate;
