@@ -2,7 +2,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use shrink::commands::bench::{BenchArgs, RssProbeArgs};
 use shrink::commands::gate::GateArgs;
+use shrink::commands::inspect::InspectArgs;
 use shrink::commands::ExitStatus;
 
 /// Make ONNX CNNs edge-ready: distill, quantize, bench and gate.
@@ -18,15 +20,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Describe a model: inputs, outputs, ops, parameters, MACs, and which backends run it.
+    Inspect(InspectArgs),
+    /// Measure latency, memory and accuracy of one or more models, side by side.
+    Bench(BenchArgs),
     /// Check a bench report against budgets and a baseline; exit 1 when a gate fails.
     Gate(GateArgs),
+    #[command(name = "__rss-probe", hide = true)]
+    RssProbe(RssProbeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     shrink::printer::init(cli.quiet);
     let result: anyhow::Result<ExitStatus> = match cli.command {
+        Command::Inspect(args) => shrink::commands::inspect::inspect(&args),
+        Command::Bench(args) => shrink::commands::bench::bench(&args),
         Command::Gate(args) => shrink::commands::gate::gate(&args),
+        Command::RssProbe(args) => shrink::commands::bench::rss_probe(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status.code() as u8),

@@ -1,6 +1,9 @@
 //! One module per subcommand; each takes its parsed flags and returns an [`ExitStatus`].
 
+pub mod bench;
 pub mod gate;
+pub mod inspect;
+pub mod reporters;
 pub mod run;
 
 /// How a command ended. Errors (bad input, missing files, unsupported ops) are returned as

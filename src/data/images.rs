@@ -9,6 +9,7 @@ use super::Preprocess;
 
 #[derive(Debug, Clone)]
 pub struct ImageList {
+    #[allow(dead_code)] // Reported by future `inspect --data`; kept with the files it names.
     pub classes: Vec<String>,
     /// (file, class index), classes in sorted order, files sorted within each class.
     pub files: Vec<(PathBuf, i64)>,
