@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use shrink::commands::bench::{BenchArgs, RssProbeArgs};
 use shrink::commands::gate::GateArgs;
 use shrink::commands::inspect::InspectArgs;
+use shrink::commands::run::RunArgs;
 use shrink::commands::ExitStatus;
 
 /// Make ONNX CNNs edge-ready: distill, quantize, bench and gate.
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a recipe: a YAML pipeline of distill, train, quantize, bench and gate stages.
+    Run(RunArgs),
     /// Describe a model: inputs, outputs, ops, parameters, MACs, and which backends run it.
     Inspect(InspectArgs),
     /// Measure latency, memory and accuracy of one or more models, side by side.
@@ -34,6 +37,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     shrink::printer::init(cli.quiet);
     let result: anyhow::Result<ExitStatus> = match cli.command {
+        Command::Run(args) => {
+            shrink::commands::run::run(&args, &mut shrink::commands::pipeline::ShrinkExecutor)
+        }
         Command::Inspect(args) => shrink::commands::inspect::inspect(&args),
         Command::Bench(args) => shrink::commands::bench::bench(&args),
         Command::Gate(args) => shrink::commands::gate::gate(&args),

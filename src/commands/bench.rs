@@ -81,7 +81,12 @@ impl BenchArgs {
             None => None,
         };
         Ok(BenchOptions {
-            runtime: RuntimeOptions { backend: self.backend, device: self.device, threads, ort_lib: self.ort_lib.clone() },
+            runtime: RuntimeOptions {
+                backend: self.backend,
+                device: self.device,
+                threads,
+                ort_lib: self.ort_lib.clone(),
+            },
             target: self.target,
             batch_size: self.batch_size,
             warmup: self.warmup,
@@ -100,7 +105,9 @@ impl BenchArgs {
 pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
     let opts = args.options()?;
     if opts.target == Target::Mobile {
-        crate::printer::info("target mobile: tract, 1 thread (x86 kernels here; phones run tract's ARM kernels)");
+        crate::printer::info(
+            "target mobile: tract, 1 thread (x86 kernels here; phones run tract's ARM kernels)",
+        );
     }
     let models: Vec<ModelSpec> = args.models.iter().map(|m| ModelSpec::parse(m)).collect();
     let progress = BarReporter::default();
@@ -109,7 +116,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         crate::printer::warn(w);
     }
     if let Some(p) = &args.json {
-        crate::util::write_atomic(p, report.to_json().as_bytes()).with_context(|| format!("cannot write {}", p.display()))?;
+        crate::util::write_atomic(p, report.to_json().as_bytes())
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     if let Some(p) = &args.markdown {
         crate::util::write_atomic(p, render::markdown(&report).as_bytes())?;
@@ -145,7 +153,12 @@ pub struct RssProbeArgs {
 }
 
 pub fn rss_probe(args: &RssProbeArgs) -> Result<ExitStatus> {
-    let rt = RuntimeOptions { backend: args.backend, device: args.device, threads: args.threads, ort_lib: args.ort_lib.clone() };
+    let rt = RuntimeOptions {
+        backend: args.backend,
+        device: args.device,
+        threads: args.threads,
+        ort_lib: args.ort_lib.clone(),
+    };
     let rss = measure::rss_probe(&args.model, &rt, args.batch_size, args.iterations)?;
     println!("{rss}");
     Ok(ExitStatus::Success)

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod gate;
 pub mod inspect;
+pub mod pipeline;
 pub mod reporters;
 pub mod run;
 

@@ -13,7 +13,10 @@ pub struct BarReporter {
 
 impl Default for BarReporter {
     fn default() -> Self {
-        BarReporter { bar: Mutex::new(None), enabled: !crate::printer::quiet() && std::io::stderr().is_terminal() }
+        BarReporter {
+            bar: Mutex::new(None),
+            enabled: !crate::printer::quiet() && std::io::stderr().is_terminal(),
+        }
     }
 }
 
@@ -22,7 +25,11 @@ impl BarReporter {
         if !self.enabled {
             return;
         }
-        let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+        let bar = if total > 0 {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::new_spinner()
+        };
         let style = if total > 0 {
             ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg} ({per_sec})")
         } else {

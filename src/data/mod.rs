@@ -111,7 +111,10 @@ impl Dataset {
             } else {
                 Source::Images(images::ImageList::scan(path)?)
             }
-        } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz")) {
+        } else if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+        {
             Source::Npz(npy::NpzInfo::open(path)?)
         } else if idx::is_idx_file(path)? {
             Source::Idx(idx::IdxInfo::from_images_file(path)?)
@@ -130,15 +133,35 @@ impl Dataset {
             Source::Images(_) => {}
         }
         if let Some(m) = &pre.mean {
-            ensure!(m.len() == sample[0] || m.len() == 1, "--mean has {} values but the model takes {} channels", m.len(), sample[0]);
+            ensure!(
+                m.len() == sample[0] || m.len() == 1,
+                "--mean has {} values but the model takes {} channels",
+                m.len(),
+                sample[0]
+            );
         }
         if let Some(s) = &pre.std {
-            ensure!(s.len() == sample[0] || s.len() == 1, "--std has {} values but the model takes {} channels", s.len(), sample[0]);
-            ensure!(s.iter().all(|&v| v > 0.0 && v.is_finite()), "--std values must be positive");
+            ensure!(
+                s.len() == sample[0] || s.len() == 1,
+                "--std has {} values but the model takes {} channels",
+                s.len(),
+                sample[0]
+            );
+            ensure!(
+                s.iter().all(|&v| v > 0.0 && v.is_finite()),
+                "--std values must be positive"
+            );
         }
         ensure!(n > 0, "dataset {} holds no samples", path.display());
         let len = pre.limit.map_or(n, |l| l.min(n));
-        Ok(Dataset { path: path.to_path_buf(), format, len, sample, pre: pre.clone(), source })
+        Ok(Dataset {
+            path: path.to_path_buf(),
+            format,
+            len,
+            sample,
+            pre: pre.clone(),
+            source,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -161,7 +184,12 @@ impl Dataset {
             Source::Idx(i) => Reader::Idx(i.reader()?),
             Source::Images(_) => Reader::Images(0),
         };
-        Ok(Batches { ds: self, reader, next: 0, batch })
+        Ok(Batches {
+            ds: self,
+            reader,
+            next: 0,
+            batch,
+        })
     }
 
     /// Reads the whole dataset into memory (for training, which shuffles every epoch).
@@ -178,7 +206,11 @@ impl Dataset {
                 None => labelled = false,
             }
         }
-        Ok(Batch { shape: [self.len, c, h, w], x, y: labelled.then_some(y) })
+        Ok(Batch {
+            shape: [self.len, c, h, w],
+            x,
+            y: labelled.then_some(y),
+        })
     }
 
     fn normalise(&self, x: &mut [f32], first_index: usize) -> Result<()> {
@@ -251,7 +283,11 @@ impl Batches<'_> {
         };
         self.ds.normalise(&mut x, self.next)?;
         self.next += n;
-        Ok(Some(Batch { x, shape: [n, c, h, w], y }))
+        Ok(Some(Batch {
+            x,
+            shape: [n, c, h, w],
+            y,
+        }))
     }
 }
 

@@ -30,7 +30,8 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
         path.display(),
         meta.len()
     );
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
     let mut model = decode_model(&bytes)
         .with_context(|| format!("{} is not a valid ONNX model", path.display()))
         .hint("the file may be truncated or not an ONNX file; re-export it and check it with `python -c \"import onnx; onnx.checker.check_model('MODEL')\"`")?;
@@ -38,13 +39,15 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    load_external_data(&mut model, &dir).with_context(|| format!("cannot load external data of {}", path.display()))?;
+    load_external_data(&mut model, &dir)
+        .with_context(|| format!("cannot load external data of {}", path.display()))?;
     Ok(model)
 }
 
 /// Decodes a model from bytes and checks that it looks like ONNX (has a graph and opsets).
 pub fn decode_model(bytes: &[u8]) -> Result<ModelProto> {
-    let model = ModelProto::decode(bytes).map_err(|e| anyhow::anyhow!("protobuf decoding failed: {e}"))?;
+    let model =
+        ModelProto::decode(bytes).map_err(|e| anyhow::anyhow!("protobuf decoding failed: {e}"))?;
     ensure!(model.graph.is_some(), "the file holds no graph");
     ensure!(
         model.ir_version > 0 && !model.opset_import.is_empty(),
@@ -97,15 +100,24 @@ fn load_external_data(model: &mut ModelProto, dir: &Path) -> Result<()> {
             .with_context(|| format!("tensor `{name}` has external data without a `location`"))?;
         let parse = |k: &str| -> Result<Option<u64>> {
             kv.get(k)
-                .map(|v| v.parse::<u64>().with_context(|| format!("tensor `{name}`: external data `{k}` is `{v}`, not a byte count")))
+                .map(|v| {
+                    v.parse::<u64>().with_context(|| {
+                        format!("tensor `{name}`: external data `{k}` is `{v}`, not a byte count")
+                    })
+                })
                 .transpose()
         };
         let offset = parse("offset")?.unwrap_or(0);
         let length = parse("length")?;
-        let file_path = resolve_inside(dir, location).with_context(|| format!("tensor `{name}`"))?;
+        let file_path =
+            resolve_inside(dir, location).with_context(|| format!("tensor `{name}`"))?;
         if !files.contains_key(&file_path) {
-            let f = std::fs::File::open(&file_path)
-                .with_context(|| format!("tensor `{name}`: cannot open external data file {}", file_path.display()))?;
+            let f = std::fs::File::open(&file_path).with_context(|| {
+                format!(
+                    "tensor `{name}`: cannot open external data file {}",
+                    file_path.display()
+                )
+            })?;
             let len = f.metadata()?.len();
             files.insert(file_path.clone(), (f, len));
         }
@@ -126,11 +138,15 @@ fn load_external_data(model: &mut ModelProto, dir: &Path) -> Result<()> {
         let mut numel: u64 = 1;
         for &d in &t.dims {
             ensure!(d >= 0, "tensor `{name}` has a negative dimension");
-            numel = numel.checked_mul(d as u64).with_context(|| format!("tensor `{name}`: size overflows"))?;
+            numel = numel
+                .checked_mul(d as u64)
+                .with_context(|| format!("tensor `{name}`: size overflows"))?;
         }
         if let Ok(dt) = super::proto::tensor_proto::DataType::try_from(t.data_type) {
             if let Some(es) = super::tensor::dtype_size(dt) {
-                let want = numel.checked_mul(es as u64).with_context(|| format!("tensor `{name}`: size overflows"))?;
+                let want = numel
+                    .checked_mul(es as u64)
+                    .with_context(|| format!("tensor `{name}`: size overflows"))?;
                 ensure!(
                     want == length,
                     "tensor `{name}`: dimensions {:?} need {want} bytes but external data gives {length}",
@@ -180,7 +196,10 @@ pub fn resolve_inside(dir: &Path, location: &str) -> Result<PathBuf> {
         real.display()
     );
     let meta = std::fs::metadata(&real)?;
-    ensure!(meta.is_file(), "external data location `{location}` is not a regular file");
+    ensure!(
+        meta.is_file(),
+        "external data location `{location}` is not a regular file"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
@@ -200,13 +219,27 @@ mod tests {
     use super::*;
     use crate::onnx::proto::StringStringEntryProto;
 
-    fn ext_tensor(location: &str, offset: Option<u64>, length: Option<u64>, dims: Vec<i64>) -> TensorProto {
-        let mut kv = vec![StringStringEntryProto { key: "location".into(), value: location.into() }];
+    fn ext_tensor(
+        location: &str,
+        offset: Option<u64>,
+        length: Option<u64>,
+        dims: Vec<i64>,
+    ) -> TensorProto {
+        let mut kv = vec![StringStringEntryProto {
+            key: "location".into(),
+            value: location.into(),
+        }];
         if let Some(o) = offset {
-            kv.push(StringStringEntryProto { key: "offset".into(), value: o.to_string() });
+            kv.push(StringStringEntryProto {
+                key: "offset".into(),
+                value: o.to_string(),
+            });
         }
         if let Some(l) = length {
-            kv.push(StringStringEntryProto { key: "length".into(), value: l.to_string() });
+            kv.push(StringStringEntryProto {
+                key: "length".into(),
+                value: l.to_string(),
+            });
         }
         TensorProto {
             name: "w".into(),
@@ -221,8 +254,14 @@ mod tests {
     fn model_with(t: TensorProto) -> ModelProto {
         ModelProto {
             ir_version: 8,
-            opset_import: vec![crate::onnx::proto::OperatorSetIdProto { domain: String::new(), version: 17 }],
-            graph: Some(crate::onnx::proto::GraphProto { initializer: vec![t], ..Default::default() }),
+            opset_import: vec![crate::onnx::proto::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(crate::onnx::proto::GraphProto {
+                initializer: vec![t],
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -230,7 +269,10 @@ mod tests {
     #[test]
     fn external_data_is_loaded() {
         let dir = tempfile::tempdir().unwrap();
-        let vals: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let vals: Vec<u8> = [1.0f32, 2.0, 3.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         let mut data = vec![0u8; 8];
         data.extend_from_slice(&vals);
         std::fs::write(dir.path().join("w.bin"), &data).unwrap();
@@ -255,7 +297,8 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret"), [0u8; 4]).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("w.bin")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("w.bin"))
+            .unwrap();
         let mut m = model_with(ext_tensor("w.bin", None, None, vec![1]));
         let e = format!("{:#}", load_external_data(&mut m, dir.path()).unwrap_err());
         assert!(e.contains("outside the model's folder"), "{e}");
@@ -275,9 +318,16 @@ mod tests {
     fn offsets_beyond_file_and_overflow_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("w.bin"), [0u8; 8]).unwrap();
-        for (off, len) in [(Some(4), Some(8)), (Some(u64::MAX), Some(2)), (Some(16), None)] {
+        for (off, len) in [
+            (Some(4), Some(8)),
+            (Some(u64::MAX), Some(2)),
+            (Some(16), None),
+        ] {
             let mut m = model_with(ext_tensor("w.bin", off, len, vec![2]));
-            assert!(load_external_data(&mut m, dir.path()).is_err(), "{off:?} {len:?}");
+            assert!(
+                load_external_data(&mut m, dir.path()).is_err(),
+                "{off:?} {len:?}"
+            );
         }
         // A length that disagrees with the declared dimensions.
         let mut m = model_with(ext_tensor("w.bin", Some(0), Some(8), vec![1000]));

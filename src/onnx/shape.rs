@@ -34,12 +34,53 @@ impl Shapes {
 
 /// Ops whose shapes this module infers.
 pub const SUPPORTED_OPS: &[&str] = &[
-    "Conv", "ConvTranspose", "BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid",
-    "HardSigmoid", "HardSwish", "Tanh", "Add", "Sub", "Mul", "Div", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Gemm", "MatMul", "Flatten", "Reshape", "Transpose", "Concat", "Split",
-    "Slice", "Squeeze", "Unsqueeze", "Pad", "Resize", "Softmax", "LogSoftmax", "Dropout",
-    "Identity", "Constant", "Shape", "Gather", "ReduceMean", "Cast", "QuantizeLinear",
-    "DequantizeLinear", "Erf", "Sqrt", "Pow", "Exp", "Neg", "Abs", "GlobalMaxPool",
+    "Conv",
+    "ConvTranspose",
+    "BatchNormalization",
+    "Relu",
+    "Clip",
+    "LeakyRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Gemm",
+    "MatMul",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Split",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "Pad",
+    "Resize",
+    "Softmax",
+    "LogSoftmax",
+    "Dropout",
+    "Identity",
+    "Constant",
+    "Shape",
+    "Gather",
+    "ReduceMean",
+    "Cast",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Erf",
+    "Sqrt",
+    "Pow",
+    "Exp",
+    "Neg",
+    "Abs",
+    "GlobalMaxPool",
 ];
 
 /// Infers shapes for all values given concrete shapes of the graph inputs.
@@ -56,7 +97,12 @@ pub fn infer(graph: &Graph, inputs: &HashMap<String, Vec<usize>>) -> Result<Shap
         s.consts.insert(name.clone(), t.clone());
     }
     for node in &graph.nodes {
-        infer_node(node, &mut s).with_context(|| format!("shape inference failed at node `{}` ({})", node.name, node.op_type))?;
+        infer_node(node, &mut s).with_context(|| {
+            format!(
+                "shape inference failed at node `{}` ({})",
+                node.name, node.op_type
+            )
+        })?;
     }
     Ok(s)
 }
@@ -79,8 +125,16 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -96,7 +150,10 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 pub fn axis(a: i64, rank: usize, node: &Node) -> Result<usize> {
     let r = rank as i64;
     let v = if a < 0 { a + r } else { a };
-    ensure!((0..r.max(1)).contains(&v) || (r == 0 && v == 0), node.unsupported(format!("axis {a} is out of range for rank {rank}")));
+    ensure!(
+        (0..r.max(1)).contains(&v) || (r == 0 && v == 0),
+        node.unsupported(format!("axis {a} is out of range for rank {rank}"))
+    );
     Ok(v as usize)
 }
 
@@ -114,13 +171,22 @@ pub struct Window {
 /// Resolves Conv/Pool window geometry for spatial `input` dims.
 pub fn window(node: &Node, input: &[usize], kernel: Vec<usize>, ceil_mode: bool) -> Result<Window> {
     let r = kernel.len();
-    ensure!(input.len() == r, node.unsupported(format!("input has {} spatial dims but the kernel has {r}", input.len())));
+    ensure!(
+        input.len() == r,
+        node.unsupported(format!(
+            "input has {} spatial dims but the kernel has {r}",
+            input.len()
+        ))
+    );
     let strides = pos_list(node, "strides", r, 1)?;
     let dilations = pos_list(node, "dilations", r, 1)?;
     let auto_pad = node.attr_string("auto_pad", "NOTSET")?;
     let mut pads = match node.attr_ints("pads")? {
         Some(p) => {
-            ensure!(p.len() == 2 * r && p.iter().all(|&x| x >= 0), node.unsupported(format!("pads {p:?} must be {} non-negative values", 2 * r)));
+            ensure!(
+                p.len() == 2 * r && p.iter().all(|&x| x >= 0),
+                node.unsupported(format!("pads {p:?} must be {} non-negative values", 2 * r))
+            );
             p.iter().map(|&x| x as usize).collect()
         }
         None => vec![0; 2 * r],
@@ -157,13 +223,22 @@ pub fn window(node: &Node, input: &[usize], kernel: Vec<usize>, ceil_mode: bool)
             other => bail!(node.unsupported(format!("auto_pad `{other}` is not an ONNX value; use NOTSET, VALID, SAME_UPPER or SAME_LOWER"))),
         }
     }
-    Ok(Window { kernel, strides, dilations, pads, out })
+    Ok(Window {
+        kernel,
+        strides,
+        dilations,
+        pads,
+        out,
+    })
 }
 
 fn pos_list(node: &Node, name: &str, r: usize, default: usize) -> Result<Vec<usize>> {
     match node.attr_ints(name)? {
         Some(v) => {
-            ensure!(v.len() == r && v.iter().all(|&x| x > 0), node.unsupported(format!("{name} {v:?} must be {r} positive values")));
+            ensure!(
+                v.len() == r && v.iter().all(|&x| x > 0),
+                node.unsupported(format!("{name} {v:?} must be {r} positive values"))
+            );
             Ok(v.iter().map(|&x| x as usize).collect())
         }
         None => Ok(vec![default; r]),
@@ -189,16 +264,21 @@ fn i64_const(dims: Vec<usize>, v: Vec<i64>) -> Tensor {
 fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
     ensure!(
         node.domain.is_empty() || node.domain == "ai.onnx",
-        node.unsupported(format!("operators of domain `{}` are not supported", node.domain))
+        node.unsupported(format!(
+            "operators of domain `{}` are not supported",
+            node.domain
+        ))
     );
     let in_shape = |s: &Shapes, i: usize| -> Result<Vec<usize>> {
-        let name = node.input(i).with_context(|| node.unsupported(format!("input {i} is missing")))?;
+        let name = node
+            .input(i)
+            .with_context(|| node.unsupported(format!("input {i} is missing")))?;
         Ok(s.get(name)?.to_vec())
     };
     match node.op_type.as_str() {
-        "Relu" | "Clip" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "Tanh" | "Softmax"
-        | "LogSoftmax" | "Identity" | "Erf" | "Sqrt" | "Exp" | "Neg" | "Abs" | "QuantizeLinear"
-        | "DequantizeLinear" => {
+        "Relu" | "Clip" | "LeakyRelu" | "Sigmoid" | "HardSigmoid" | "HardSwish" | "Tanh"
+        | "Softmax" | "LogSoftmax" | "Identity" | "Erf" | "Sqrt" | "Exp" | "Neg" | "Abs"
+        | "QuantizeLinear" | "DequantizeLinear" => {
             let x = in_shape(s, 0)?;
             if node.op_type == "Identity" {
                 if let Some(c) = s.consts.get(&node.inputs[0]).cloned() {
@@ -220,7 +300,9 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                 let data = match to {
                     7 => c.to_i64_vec().map(Data::I64),
                     1 => Some(Data::F32(c.to_f32_vec())),
-                    6 => c.to_i64_vec().map(|v| Data::I32(v.into_iter().map(|x| x as i32).collect())),
+                    6 => c
+                        .to_i64_vec()
+                        .map(|v| Data::I32(v.into_iter().map(|x| x as i32).collect())),
                     _ => None,
                 };
                 if let Some(d) = data {
@@ -233,15 +315,30 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         "Add" | "Sub" | "Mul" | "Div" | "Pow" => {
             let a = in_shape(s, 0)?;
             let b = in_shape(s, 1)?;
-            let out = broadcast(&a, &b).with_context(|| node.unsupported(format!("shapes {a:?} and {b:?} do not broadcast")))?;
-            let ca = s.consts.get(&node.inputs[0]).and_then(|t| matches!(t.data, Data::I64(_)).then(|| t.to_i64_vec()).flatten());
-            let cb = s.consts.get(&node.inputs[1]).and_then(|t| matches!(t.data, Data::I64(_)).then(|| t.to_i64_vec()).flatten());
+            let out = broadcast(&a, &b).with_context(|| {
+                node.unsupported(format!("shapes {a:?} and {b:?} do not broadcast"))
+            })?;
+            let ca = s.consts.get(&node.inputs[0]).and_then(|t| {
+                matches!(t.data, Data::I64(_))
+                    .then(|| t.to_i64_vec())
+                    .flatten()
+            });
+            let cb = s.consts.get(&node.inputs[1]).and_then(|t| {
+                matches!(t.data, Data::I64(_))
+                    .then(|| t.to_i64_vec())
+                    .flatten()
+            });
             if let (Some(x), Some(y)) = (ca, cb) {
-                if numel(&out) == x.len().max(y.len()) && (x.len() == 1 || y.len() == 1 || x.len() == y.len()) {
+                if numel(&out) == x.len().max(y.len())
+                    && (x.len() == 1 || y.len() == 1 || x.len() == y.len())
+                {
                     let n = x.len().max(y.len());
                     let v: Option<Vec<i64>> = (0..n)
                         .map(|i| {
-                            let (p, q) = (x[if x.len() == 1 { 0 } else { i }], y[if y.len() == 1 { 0 } else { i }]);
+                            let (p, q) = (
+                                x[if x.len() == 1 { 0 } else { i }],
+                                y[if y.len() == 1 { 0 } else { i }],
+                            );
                             match node.op_type.as_str() {
                                 "Add" => p.checked_add(q),
                                 "Sub" => p.checked_sub(q),
@@ -262,12 +359,21 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         "Conv" => {
             let x = in_shape(s, 0)?;
             let w = in_shape(s, 1)?;
-            ensure!(x.len() >= 3 && w.len() == x.len(), node.unsupported(format!("input {x:?} and weight {w:?} ranks do not fit a convolution")));
+            ensure!(
+                x.len() >= 3 && w.len() == x.len(),
+                node.unsupported(format!(
+                    "input {x:?} and weight {w:?} ranks do not fit a convolution"
+                ))
+            );
             let group = node.attr_int("group", 1)?;
             ensure!(group >= 1, node.unsupported("group must be positive"));
             ensure!(
                 x[1] == w[1] * group as usize,
-                node.unsupported(format!("input has {} channels but weight {w:?} with group {group} expects {}", x[1], w[1] * group as usize))
+                node.unsupported(format!(
+                    "input has {} channels but weight {w:?} with group {group} expects {}",
+                    x[1],
+                    w[1] * group as usize
+                ))
             );
             let kernel = match node.attr_ints("kernel_shape")? {
                 Some(k) => k.iter().map(|&v| v as usize).collect(),
@@ -281,23 +387,37 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         "ConvTranspose" => {
             let x = in_shape(s, 0)?;
             let w = in_shape(s, 1)?;
-            ensure!(x.len() >= 3 && w.len() == x.len(), node.unsupported("input and weight ranks do not fit a transposed convolution"));
+            ensure!(
+                x.len() >= 3 && w.len() == x.len(),
+                node.unsupported("input and weight ranks do not fit a transposed convolution")
+            );
             let r = x.len() - 2;
             let group = node.attr_int("group", 1)? as usize;
             let strides = pos_list(node, "strides", r, 1)?;
             let dil = pos_list(node, "dilations", r, 1)?;
             let kernel: Vec<usize> = w[2..].to_vec();
-            let outpad = node.attr_ints("output_padding")?.unwrap_or_else(|| vec![0; r]);
+            let outpad = node
+                .attr_ints("output_padding")?
+                .unwrap_or_else(|| vec![0; r]);
             let mut out = vec![x[0], w[1] * group];
             if let Some(os) = node.attr_ints("output_shape")? {
                 out.extend(os.iter().map(|&v| v as usize));
             } else {
                 let pads = node.attr_ints("pads")?.unwrap_or_else(|| vec![0; 2 * r]);
-                ensure!(pads.len() == 2 * r && outpad.len() == r, node.unsupported("pads/output_padding have the wrong length"));
+                ensure!(
+                    pads.len() == 2 * r && outpad.len() == r,
+                    node.unsupported("pads/output_padding have the wrong length")
+                );
                 for i in 0..r {
-                    let full = strides[i] * (x[2 + i] - 1) + outpad[i] as usize + (kernel[i] - 1) * dil[i] + 1;
+                    let full = strides[i] * (x[2 + i] - 1)
+                        + outpad[i] as usize
+                        + (kernel[i] - 1) * dil[i]
+                        + 1;
                     let p = (pads[i] + pads[i + r]) as usize;
-                    ensure!(full > p, node.unsupported("padding removes the whole output"));
+                    ensure!(
+                        full > p,
+                        node.unsupported("padding removes the whole output")
+                    );
                     out.push(full - p);
                 }
             }
@@ -305,11 +425,17 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         }
         "BatchNormalization" => {
             let x = in_shape(s, 0)?;
-            ensure!(x.len() >= 2, node.unsupported("input must have a channel axis"));
+            ensure!(
+                x.len() >= 2,
+                node.unsupported("input must have a channel axis")
+            );
             let c = x[1];
             for i in 1..5 {
                 let p = in_shape(s, i)?;
-                ensure!(p == [c], node.unsupported(format!("parameter {i} has shape {p:?}, expected [{c}]")));
+                ensure!(
+                    p == [c],
+                    node.unsupported(format!("parameter {i} has shape {p:?}, expected [{c}]"))
+                );
             }
             set(s, node, 0, x);
             set(s, node, 1, vec![c]);
@@ -317,14 +443,20 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         }
         "MaxPool" | "AveragePool" => {
             let x = in_shape(s, 0)?;
-            ensure!(x.len() >= 3, node.unsupported(format!("input {x:?} must be N,C,spatial...")));
+            ensure!(
+                x.len() >= 3,
+                node.unsupported(format!("input {x:?} must be N,C,spatial..."))
+            );
             let kernel: Vec<usize> = node
                 .attr_ints("kernel_shape")?
                 .with_context(|| node.unsupported("kernel_shape is required"))?
                 .iter()
                 .map(|&k| k as usize)
                 .collect();
-            ensure!(kernel.iter().all(|&k| k > 0), node.unsupported("kernel_shape must be positive"));
+            ensure!(
+                kernel.iter().all(|&k| k > 0),
+                node.unsupported("kernel_shape must be positive")
+            );
             let ceil = node.attr_int("ceil_mode", 0)? != 0;
             let win = window(node, &x[2..], kernel, ceil)?;
             let mut out = x[..2].to_vec();
@@ -334,7 +466,10 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         }
         "GlobalAveragePool" | "GlobalMaxPool" => {
             let x = in_shape(s, 0)?;
-            ensure!(x.len() >= 3, node.unsupported("input must be N,C,spatial..."));
+            ensure!(
+                x.len() >= 3,
+                node.unsupported("input must be N,C,spatial...")
+            );
             let mut out = x[..2].to_vec();
             out.extend(std::iter::repeat_n(1, x.len() - 2));
             set(s, node, 0, out);
@@ -342,22 +477,51 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         "Gemm" => {
             let a = in_shape(s, 0)?;
             let b = in_shape(s, 1)?;
-            ensure!(a.len() == 2 && b.len() == 2, node.unsupported(format!("Gemm needs 2-D inputs, got {a:?} and {b:?}")));
-            let (m, ka) = if node.attr_int("transA", 0)? != 0 { (a[1], a[0]) } else { (a[0], a[1]) };
-            let (kb, n) = if node.attr_int("transB", 0)? != 0 { (b[1], b[0]) } else { (b[0], b[1]) };
-            ensure!(ka == kb, node.unsupported(format!("inner dimensions differ: {a:?} x {b:?}")));
+            ensure!(
+                a.len() == 2 && b.len() == 2,
+                node.unsupported(format!("Gemm needs 2-D inputs, got {a:?} and {b:?}"))
+            );
+            let (m, ka) = if node.attr_int("transA", 0)? != 0 {
+                (a[1], a[0])
+            } else {
+                (a[0], a[1])
+            };
+            let (kb, n) = if node.attr_int("transB", 0)? != 0 {
+                (b[1], b[0])
+            } else {
+                (b[0], b[1])
+            };
+            ensure!(
+                ka == kb,
+                node.unsupported(format!("inner dimensions differ: {a:?} x {b:?}"))
+            );
             set(s, node, 0, vec![m, n]);
         }
         "MatMul" => {
             let a = in_shape(s, 0)?;
             let b = in_shape(s, 1)?;
-            ensure!(!a.is_empty() && !b.is_empty(), node.unsupported("MatMul of scalars"));
-            let a2 = if a.len() == 1 { vec![1, a[0]] } else { a.clone() };
-            let b2 = if b.len() == 1 { vec![b[0], 1] } else { b.clone() };
+            ensure!(
+                !a.is_empty() && !b.is_empty(),
+                node.unsupported("MatMul of scalars")
+            );
+            let a2 = if a.len() == 1 {
+                vec![1, a[0]]
+            } else {
+                a.clone()
+            };
+            let b2 = if b.len() == 1 {
+                vec![b[0], 1]
+            } else {
+                b.clone()
+            };
             let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
             let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
-            ensure!(k == k2, node.unsupported(format!("inner dimensions differ: {a:?} x {b:?}")));
-            let batch = broadcast(&a2[..a2.len() - 2], &b2[..b2.len() - 2]).with_context(|| node.unsupported("batch dims do not broadcast"))?;
+            ensure!(
+                k == k2,
+                node.unsupported(format!("inner dimensions differ: {a:?} x {b:?}"))
+            );
+            let batch = broadcast(&a2[..a2.len() - 2], &b2[..b2.len() - 2])
+                .with_context(|| node.unsupported("batch dims do not broadcast"))?;
             let mut out = batch;
             if a.len() > 1 {
                 out.push(m);
@@ -371,7 +535,10 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             let x = in_shape(s, 0)?;
             let ax = node.attr_int("axis", 1)?;
             let a = if ax < 0 { ax + x.len() as i64 } else { ax };
-            ensure!((0..=x.len() as i64).contains(&a), node.unsupported(format!("axis {ax} out of range")));
+            ensure!(
+                (0..=x.len() as i64).contains(&a),
+                node.unsupported(format!("axis {ax} out of range"))
+            );
             let a = a as usize;
             set(s, node, 0, vec![numel(&x[..a]), numel(&x[a..])]);
         }
@@ -389,30 +556,54 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         "Transpose" => {
             let x = in_shape(s, 0)?;
             let perm: Vec<usize> = match node.attr_ints("perm")? {
-                Some(p) => p.iter().map(|&v| axis(v, x.len(), node)).collect::<Result<_>>()?,
+                Some(p) => p
+                    .iter()
+                    .map(|&v| axis(v, x.len(), node))
+                    .collect::<Result<_>>()?,
                 None => (0..x.len()).rev().collect(),
             };
             let mut sorted = perm.clone();
             sorted.sort();
-            ensure!(sorted == (0..x.len()).collect::<Vec<_>>(), node.unsupported(format!("perm {perm:?} is not a permutation of rank {}", x.len())));
+            ensure!(
+                sorted == (0..x.len()).collect::<Vec<_>>(),
+                node.unsupported(format!(
+                    "perm {perm:?} is not a permutation of rank {}",
+                    x.len()
+                ))
+            );
             set(s, node, 0, perm.iter().map(|&p| x[p]).collect());
         }
         "Concat" => {
-            let shapes: Vec<Vec<usize>> = (0..node.inputs.len()).map(|i| in_shape(s, i)).collect::<Result<_>>()?;
+            let shapes: Vec<Vec<usize>> = (0..node.inputs.len())
+                .map(|i| in_shape(s, i))
+                .collect::<Result<_>>()?;
             ensure!(!shapes.is_empty(), node.unsupported("Concat needs inputs"));
             let rank = shapes[0].len();
             let ax = axis(node.attr_int("axis", 0)?, rank, node)?;
             let mut out = shapes[0].clone();
             for sh in &shapes[1..] {
-                ensure!(sh.len() == rank, node.unsupported("inputs have different ranks"));
+                ensure!(
+                    sh.len() == rank,
+                    node.unsupported("inputs have different ranks")
+                );
                 for d in 0..rank {
                     if d != ax {
-                        ensure!(sh[d] == out[d], node.unsupported(format!("shapes {:?} and {sh:?} differ outside axis {ax}", shapes[0])));
+                        ensure!(
+                            sh[d] == out[d],
+                            node.unsupported(format!(
+                                "shapes {:?} and {sh:?} differ outside axis {ax}",
+                                shapes[0]
+                            ))
+                        );
                     }
                 }
                 out[ax] += sh[ax];
             }
-            let cs: Option<Vec<Vec<i64>>> = node.inputs.iter().map(|i| s.consts.get(i).and_then(Tensor::to_i64_vec)).collect();
+            let cs: Option<Vec<Vec<i64>>> = node
+                .inputs
+                .iter()
+                .map(|i| s.consts.get(i).and_then(Tensor::to_i64_vec))
+                .collect();
             match cs {
                 Some(parts) if rank == 1 => set_const(s, node, i64_const(out, parts.concat())),
                 _ => set(s, node, 0, out),
@@ -430,7 +621,10 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                 let k = x[ax].div_ceil(n);
                 (0..n).map(|i| k.min(x[ax].saturating_sub(i * k))).collect()
             };
-            ensure!(sizes.len() == n && sizes.iter().sum::<usize>() == x[ax], node.unsupported(format!("split sizes {sizes:?} do not add up to {}", x[ax])));
+            ensure!(
+                sizes.len() == n && sizes.iter().sum::<usize>() == x[ax],
+                node.unsupported(format!("split sizes {sizes:?} do not add up to {}", x[ax]))
+            );
             for (i, sz) in sizes.into_iter().enumerate() {
                 let mut o = x.clone();
                 o[ax] = sz;
@@ -442,8 +636,14 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             let (starts, ends, axes, steps) = if node.input(1).is_some() {
                 let st = s.const_i64(&node.inputs[1], node)?;
                 let en = s.const_i64(&node.inputs[2], node)?;
-                let ax = match node.input(3) { Some(a) => Some(s.const_i64(a, node)?), None => None };
-                let sp = match node.input(4) { Some(a) => Some(s.const_i64(a, node)?), None => None };
+                let ax = match node.input(3) {
+                    Some(a) => Some(s.const_i64(a, node)?),
+                    None => None,
+                };
+                let sp = match node.input(4) {
+                    Some(a) => Some(s.const_i64(a, node)?),
+                    None => None,
+                };
                 (st, en, ax, sp)
             } else {
                 (
@@ -453,9 +653,13 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                     None,
                 )
             };
-            let ranges = slice_ranges(&x, &starts, &ends, axes.as_deref(), steps.as_deref()).map_err(|e| node.unsupported(e))?;
+            let ranges = slice_ranges(&x, &starts, &ends, axes.as_deref(), steps.as_deref())
+                .map_err(|e| node.unsupported(e))?;
             let out: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
-            if let (Some(c), 1) = (s.consts.get(&node.inputs[0]).and_then(Tensor::to_i64_vec), x.len()) {
+            if let (Some(c), 1) = (
+                s.consts.get(&node.inputs[0]).and_then(Tensor::to_i64_vec),
+                x.len(),
+            ) {
                 let v = ranges[0].indices().map(|i| c[i]).collect();
                 set_const(s, node, i64_const(out, v));
             } else {
@@ -471,21 +675,43 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             let out = if node.op_type == "Squeeze" {
                 match axes {
                     Some(a) => {
-                        let ax: Vec<usize> = a.iter().map(|&v| axis(v, x.len(), node)).collect::<Result<_>>()?;
+                        let ax: Vec<usize> = a
+                            .iter()
+                            .map(|&v| axis(v, x.len(), node))
+                            .collect::<Result<_>>()?;
                         for &a in &ax {
-                            ensure!(x[a] == 1, node.unsupported(format!("cannot squeeze axis {a} of size {}", x[a])));
+                            ensure!(
+                                x[a] == 1,
+                                node.unsupported(format!(
+                                    "cannot squeeze axis {a} of size {}",
+                                    x[a]
+                                ))
+                            );
                         }
-                        x.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect()
+                        x.iter()
+                            .enumerate()
+                            .filter(|(i, _)| !ax.contains(i))
+                            .map(|(_, &d)| d)
+                            .collect()
                     }
                     None => x.iter().copied().filter(|&d| d != 1).collect(),
                 }
             } else {
                 let a = axes.with_context(|| node.unsupported("axes are required"))?;
                 let r = x.len() + a.len();
-                let mut ax: Vec<usize> = a.iter().map(|&v| axis(v, r, node)).collect::<Result<_>>()?;
+                let mut ax: Vec<usize> =
+                    a.iter().map(|&v| axis(v, r, node)).collect::<Result<_>>()?;
                 ax.sort();
                 let mut it = x.iter();
-                (0..r).map(|i| if ax.contains(&i) { 1 } else { *it.next().unwrap_or(&1) }).collect()
+                (0..r)
+                    .map(|i| {
+                        if ax.contains(&i) {
+                            1
+                        } else {
+                            *it.next().unwrap_or(&1)
+                        }
+                    })
+                    .collect()
             };
             if let Some(c) = s.consts.get(&node.inputs[0]).cloned() {
                 set_const(s, node, Tensor { dims: out, ..c });
@@ -497,38 +723,71 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             let x = in_shape(s, 0)?;
             let pads = match node.input(1) {
                 Some(p) => s.const_i64(p, node)?,
-                None => node.attr_ints("pads")?.with_context(|| node.unsupported("pads are required"))?,
+                None => node
+                    .attr_ints("pads")?
+                    .with_context(|| node.unsupported("pads are required"))?,
             };
             let axes: Vec<usize> = match node.input(3) {
-                Some(a) => s.const_i64(a, node)?.iter().map(|&v| axis(v, x.len(), node)).collect::<Result<_>>()?,
+                Some(a) => s
+                    .const_i64(a, node)?
+                    .iter()
+                    .map(|&v| axis(v, x.len(), node))
+                    .collect::<Result<_>>()?,
                 None => (0..x.len()).collect(),
             };
-            ensure!(pads.len() == 2 * axes.len(), node.unsupported(format!("pads has {} values, expected {}", pads.len(), 2 * axes.len())));
+            ensure!(
+                pads.len() == 2 * axes.len(),
+                node.unsupported(format!(
+                    "pads has {} values, expected {}",
+                    pads.len(),
+                    2 * axes.len()
+                ))
+            );
             let mut out = x.clone();
             for (i, &a) in axes.iter().enumerate() {
                 let d = x[a] as i64 + pads[i] + pads[i + axes.len()];
-                ensure!(d >= 0, node.unsupported("negative pads remove more than the axis"));
+                ensure!(
+                    d >= 0,
+                    node.unsupported("negative pads remove more than the axis")
+                );
                 out[a] = d as usize;
             }
             set(s, node, 0, out);
         }
         "Resize" | "Upsample" => {
             let x = in_shape(s, 0)?;
-            let (scales_in, sizes_in) = if node.op_type == "Upsample" { (1, usize::MAX) } else { (2, 3) };
-            let out: Vec<usize> = if let Some(sz) = node.input(sizes_in).filter(|n| s.consts.get(*n).is_some_and(|t| t.numel() > 0)) {
+            let (scales_in, sizes_in) = if node.op_type == "Upsample" {
+                (1, usize::MAX)
+            } else {
+                (2, 3)
+            };
+            let out: Vec<usize> = if let Some(sz) = node
+                .input(sizes_in)
+                .filter(|n| s.consts.get(*n).is_some_and(|t| t.numel() > 0))
+            {
                 s.const_i64(sz, node)?.iter().map(|&v| v as usize).collect()
             } else {
-                let sc = node.input(scales_in).and_then(|n| s.consts.get(n)).map(Tensor::to_f32_vec);
+                let sc = node
+                    .input(scales_in)
+                    .and_then(|n| s.consts.get(n))
+                    .map(Tensor::to_f32_vec);
                 let sc = match sc {
                     Some(v) if v.len() == x.len() => v,
                     _ => match node.attr_floats("scales")? {
                         Some(v) => v,
-                        None => bail!(node.unsupported("needs constant `scales` or `sizes` of the input's rank")),
+                        None => bail!(node
+                            .unsupported("needs constant `scales` or `sizes` of the input's rank")),
                     },
                 };
-                x.iter().zip(&sc).map(|(&d, &f)| (d as f32 * f).floor() as usize).collect()
+                x.iter()
+                    .zip(&sc)
+                    .map(|(&d, &f)| (d as f32 * f).floor() as usize)
+                    .collect()
             };
-            ensure!(out.len() == x.len(), node.unsupported("output rank differs from input rank"));
+            ensure!(
+                out.len() == x.len(),
+                node.unsupported("output rank differs from input rank")
+            );
             set(s, node, 0, out);
         }
         "Shape" => {
@@ -543,7 +802,10 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
         "Gather" => {
             let x = in_shape(s, 0)?;
             let idx = in_shape(s, 1)?;
-            ensure!(!x.is_empty(), node.unsupported("cannot gather from a scalar"));
+            ensure!(
+                !x.is_empty(),
+                node.unsupported("cannot gather from a scalar")
+            );
             let ax = axis(node.attr_int("axis", 0)?, x.len(), node)?;
             let mut out = x[..ax].to_vec();
             out.extend(&idx);
@@ -553,10 +815,13 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             match (data, ids) {
                 (Some(d), Some(i)) if x.len() == 1 => {
                     let n = d.len() as i64;
-                    let v: Option<Vec<i64>> = i.iter().map(|&k| {
-                        let k = if k < 0 { k + n } else { k };
-                        (0..n).contains(&k).then(|| d[k as usize])
-                    }).collect();
+                    let v: Option<Vec<i64>> = i
+                        .iter()
+                        .map(|&k| {
+                            let k = if k < 0 { k + n } else { k };
+                            (0..n).contains(&k).then(|| d[k as usize])
+                        })
+                        .collect();
                     let v = v.with_context(|| node.unsupported("index out of range"))?;
                     set_const(s, node, i64_const(out, v));
                 }
@@ -571,13 +836,22 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             };
             let keep = node.attr_int("keepdims", 1)? != 0;
             let ax: Vec<usize> = match axes {
-                Some(a) if !a.is_empty() => a.iter().map(|&v| axis(v, x.len(), node)).collect::<Result<_>>()?,
+                Some(a) if !a.is_empty() => a
+                    .iter()
+                    .map(|&v| axis(v, x.len(), node))
+                    .collect::<Result<_>>()?,
                 _ => (0..x.len()).collect(),
             };
             let out = x
                 .iter()
                 .enumerate()
-                .filter_map(|(i, &d)| if ax.contains(&i) { keep.then_some(1) } else { Some(d) })
+                .filter_map(|(i, &d)| {
+                    if ax.contains(&i) {
+                        keep.then_some(1)
+                    } else {
+                        Some(d)
+                    }
+                })
                 .collect();
             set(s, node, 0, out);
         }
@@ -594,7 +868,11 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
 }
 
 /// Output dims of an ONNX Reshape.
-pub fn reshape_dims(x: &[usize], target: &[i64], allowzero: bool) -> std::result::Result<Vec<usize>, String> {
+pub fn reshape_dims(
+    x: &[usize],
+    target: &[i64],
+    allowzero: bool,
+) -> std::result::Result<Vec<usize>, String> {
     let total = numel(x);
     let mut out = Vec::with_capacity(target.len());
     let mut infer = None;
@@ -606,20 +884,29 @@ pub fn reshape_dims(x: &[usize], target: &[i64], allowzero: bool) -> std::result
                 }
                 out.push(1);
             }
-            0 if !allowzero => out.push(*x.get(i).ok_or_else(|| format!("reshape target {target:?} copies axis {i} which the input {x:?} lacks"))?),
+            0 if !allowzero => out.push(*x.get(i).ok_or_else(|| {
+                format!("reshape target {target:?} copies axis {i} which the input {x:?} lacks")
+            })?),
             t if t >= 0 => out.push(t as usize),
             _ => return Err(format!("reshape target {target:?} has a negative size")),
         }
     }
     if let Some(i) = infer {
-        let known: usize = out.iter().enumerate().filter(|&(j, _)| j != i).map(|(_, &d)| d).product();
+        let known: usize = out
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .map(|(_, &d)| d)
+            .product();
         if known == 0 || total % known != 0 {
             return Err(format!("cannot reshape {x:?} to {target:?}"));
         }
         out[i] = total / known;
     }
     if numel(&out) != total {
-        return Err(format!("cannot reshape {x:?} ({total} values) to {target:?}"));
+        return Err(format!(
+            "cannot reshape {x:?} ({total} values) to {target:?}"
+        ));
     }
     Ok(out)
 }
@@ -645,9 +932,22 @@ impl SliceRange {
 }
 
 /// Per-axis ranges of an ONNX Slice (clamping as the spec says).
-pub fn slice_ranges(x: &[usize], starts: &[i64], ends: &[i64], axes: Option<&[i64]>, steps: Option<&[i64]>) -> std::result::Result<Vec<SliceRange>, String> {
+pub fn slice_ranges(
+    x: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<&[i64]>,
+    steps: Option<&[i64]>,
+) -> std::result::Result<Vec<SliceRange>, String> {
     let r = x.len() as i64;
-    let mut ranges: Vec<SliceRange> = x.iter().map(|&d| SliceRange { start: 0, step: 1, count: d }).collect();
+    let mut ranges: Vec<SliceRange> = x
+        .iter()
+        .map(|&d| SliceRange {
+            start: 0,
+            step: 1,
+            count: d,
+        })
+        .collect();
     if starts.len() != ends.len() {
         return Err("starts and ends differ in length".into());
     }
@@ -664,9 +964,21 @@ pub fn slice_ranges(x: &[usize], starts: &[i64], ends: &[i64], axes: Option<&[i6
         }
         let fix = |v: i64| if v < 0 { v.saturating_add(d) } else { v };
         let (s, e) = (fix(starts[i]), fix(ends[i]));
-        let (s, e) = if step > 0 { (s.clamp(0, d), e.clamp(0, d)) } else { (s.clamp(-1, d - 1), e.clamp(-1, d - 1)) };
-        let count = if step > 0 { ((e - s).max(0) + step - 1) / step } else { ((s - e).max(0) + (-step) - 1) / (-step) };
-        ranges[a as usize] = SliceRange { start: s, step, count: count as usize };
+        let (s, e) = if step > 0 {
+            (s.clamp(0, d), e.clamp(0, d))
+        } else {
+            (s.clamp(-1, d - 1), e.clamp(-1, d - 1))
+        };
+        let count = if step > 0 {
+            ((e - s).max(0) + step - 1) / step
+        } else {
+            ((s - e).max(0) + (-step) - 1) / (-step)
+        };
+        ranges[a as usize] = SliceRange {
+            start: s,
+            step,
+            count: count as usize,
+        };
     }
     Ok(ranges)
 }
@@ -677,7 +989,10 @@ mod tests {
 
     #[test]
     fn reshape_rules() {
-        assert_eq!(reshape_dims(&[2, 3, 4], &[0, -1], false).unwrap(), vec![2, 12]);
+        assert_eq!(
+            reshape_dims(&[2, 3, 4], &[0, -1], false).unwrap(),
+            vec![2, 12]
+        );
         assert_eq!(reshape_dims(&[2, 3, 4], &[-1], false).unwrap(), vec![24]);
         assert!(reshape_dims(&[2, 3, 4], &[5, -1], false).is_err());
         assert!(reshape_dims(&[2, 3], &[-1, -1], false).is_err());
@@ -686,7 +1001,10 @@ mod tests {
     #[test]
     fn slice_clamps_like_numpy() {
         let r = slice_ranges(&[10], &[2], &[i64::MAX], None, None).unwrap();
-        assert_eq!(r[0].indices().collect::<Vec<_>>(), (2..10).collect::<Vec<_>>());
+        assert_eq!(
+            r[0].indices().collect::<Vec<_>>(),
+            (2..10).collect::<Vec<_>>()
+        );
         let r = slice_ranges(&[5], &[-1], &[i64::MIN], None, Some(&[-2])).unwrap();
         assert_eq!(r[0].indices().collect::<Vec<_>>(), vec![4, 2, 0]);
     }

@@ -11,9 +11,24 @@ use super::tensor::dtype_name;
 
 /// Ops the quantizer rewrites to int8 (others stay float).
 pub const QUANTIZABLE_OPS: &[&str] = &[
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Concat", "Relu", "Clip", "Flatten", "Reshape", "Transpose",
-    "Resize", "Sigmoid", "LeakyRelu",
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Concat",
+    "Relu",
+    "Clip",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Resize",
+    "Sigmoid",
+    "LeakyRelu",
 ];
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,7 +100,9 @@ pub fn summarize(model: &Model) -> Result<Summary> {
     let mut params_by_dtype: BTreeMap<String, DtypeParams> = BTreeMap::new();
     let (mut params, mut weight_bytes) = (0u64, 0u64);
     for t in g.initializers.values() {
-        let e = params_by_dtype.entry(dtype_name(t.data.dtype() as i32)).or_default();
+        let e = params_by_dtype
+            .entry(dtype_name(t.data.dtype() as i32))
+            .or_default();
         e.count += t.numel() as u64;
         e.bytes += t.byte_size() as u64;
         params += t.numel() as u64;
@@ -101,12 +118,20 @@ pub fn summarize(model: &Model) -> Result<Summary> {
         let out_n: u64 = out.iter().product::<usize>() as u64;
         let macs = match n.op_type.as_str() {
             "Conv" | "ConvTranspose" | "QLinearConv" => {
-                let w = if n.op_type == "QLinearConv" { n.input(3) } else { n.input(1) };
+                let w = if n.op_type == "QLinearConv" {
+                    n.input(3)
+                } else {
+                    n.input(1)
+                };
                 match w.and_then(|w| shapes.shapes.get(w)) {
                     Some(ws) if ws.len() >= 3 => {
                         let k: u64 = ws[2..].iter().product::<usize>() as u64;
                         if n.op_type == "ConvTranspose" {
-                            let x = shapes.shapes.get(&n.inputs[0]).map(|s| s.iter().product::<usize>() as u64).unwrap_or(0);
+                            let x = shapes
+                                .shapes
+                                .get(&n.inputs[0])
+                                .map(|s| s.iter().product::<usize>() as u64)
+                                .unwrap_or(0);
                             x * ws[1] as u64 * k
                         } else {
                             out_n * ws[1] as u64 * k
@@ -127,7 +152,12 @@ pub fn summarize(model: &Model) -> Result<Summary> {
             _ => 0,
         };
         if macs > 0 {
-            layers.push(LayerMacs { node: n.name.clone(), op: n.op_type.clone(), output_shape: out, macs });
+            layers.push(LayerMacs {
+                node: n.name.clone(),
+                op: n.op_type.clone(),
+                output_shape: out,
+                macs,
+            });
         }
     }
     let quantizable_ops: BTreeMap<String, usize> = op_histogram
@@ -138,7 +168,12 @@ pub fn summarize(model: &Model) -> Result<Summary> {
     Ok(Summary {
         ir_version: model.proto.ir_version,
         opset: model.opset,
-        producer: format!("{} {}", model.proto.producer_name, model.proto.producer_version).trim().to_string(),
+        producer: format!(
+            "{} {}",
+            model.proto.producer_name, model.proto.producer_version
+        )
+        .trim()
+        .to_string(),
         inputs: g.inputs.iter().map(io).collect(),
         outputs: g.outputs.iter().map(io).collect(),
         nodes: g.nodes.len(),

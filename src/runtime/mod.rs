@@ -102,16 +102,26 @@ pub trait Session {
 }
 
 /// Opens a session for `model` (ONNX bytes) with a fixed input shape (batch included).
-pub fn open(model: &[u8], input_shape: &[usize], opts: &RuntimeOptions) -> Result<Box<dyn Session>> {
+pub fn open(
+    model: &[u8],
+    input_shape: &[usize],
+    opts: &RuntimeOptions,
+) -> Result<Box<dyn Session>> {
     match opts.backend {
-        BackendKind::Tract => Ok(Box::new(tract::TractSession::open(model, input_shape, opts)?)),
+        BackendKind::Tract => Ok(Box::new(tract::TractSession::open(
+            model,
+            input_shape,
+            opts,
+        )?)),
         BackendKind::Ort => Ok(Box::new(ort::OrtSession::open(model, input_shape, opts)?)),
     }
 }
 
 /// Threads to use when the user gave none: every core.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
