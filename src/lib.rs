@@ -9,4 +9,5 @@ pub mod commands;
 pub mod hint;
 pub mod onnx;
 pub mod printer;
+pub mod quant;
 pub mod util;
