@@ -344,14 +344,10 @@ mod tests {
     fn naive_round_half_even(v: f64) -> f64 {
         let f = v.floor();
         let d = v - f;
-        if d > 0.5 {
+        if d > 0.5 || (d == 0.5 && f % 2.0 != 0.0) {
             f + 1.0
-        } else if d < 0.5 {
-            f
-        } else if f % 2.0 == 0.0 {
-            f
         } else {
-            f + 1.0
+            f
         }
     }
 
