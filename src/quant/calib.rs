@@ -503,11 +503,14 @@ impl TensorStats {
     /// The range whose quantization on `target` has the least expected squared error
     /// ([`TensorStats::expected_mse`]): rounding noise inside, clipping error outside.
     ///
-    /// Symmetric: a search over `t` for `[-t, t]`. Asymmetric: alternating searches over
-    /// `rmax` and `rmin` (at most four rounds), starting from the observed range. Candidates
-    /// are the bin edges and the observed extremes, searched every `ceil(bins / 256)`-th
-    /// edge and then edge by edge around the best; the observed range is always a
-    /// candidate, so the result is never worse than minmax by this measure.
+    /// Symmetric: a search over `t` for `[-t, t]`. Asymmetric: the best point of a grid of
+    /// about 33 x 33 `(rmin, rmax)` pairs, then alternating searches over `rmax` and `rmin`
+    /// (at most four rounds). Candidates are the bin edges and the observed extremes,
+    /// searched every `ceil(bins / 256)`-th edge and then edge by edge around the best; the
+    /// observed range is always a candidate, so the result is never worse than minmax by
+    /// this measure. Outliers are clipped only as far as that pays: one value at `o` in `N`
+    /// costs `(o - t)^2 / N` when clipped to `t`, so rare outliers are cut to a fraction of
+    /// their size and frequent ones are kept.
     pub fn mse(&self, target: Target) -> Result<(f32, f32)> {
         let (min, max) = self.observed()?;
         let Some(w) = self.histogram.bin_width() else {
