@@ -90,6 +90,7 @@ pub fn infer(graph: &Graph, inputs: &HashMap<String, Vec<usize>>) -> Result<Shap
         let shape = inputs
             .get(&v.name)
             .with_context(|| format!("no shape given for graph input `{}`", v.name))?;
+        check_size(shape, || format!("graph input `{}`", v.name))?;
         s.shapes.insert(v.name.clone(), shape.clone());
     }
     for (name, t) in &graph.initializers {
@@ -97,14 +98,28 @@ pub fn infer(graph: &Graph, inputs: &HashMap<String, Vec<usize>>) -> Result<Shap
         s.consts.insert(name.clone(), t.clone());
     }
     for node in &graph.nodes {
-        infer_node(node, &mut s).with_context(|| {
+        let context = || {
             format!(
                 "shape inference failed at node `{}` ({})",
                 node.name, node.op_type
             )
-        })?;
+        };
+        infer_node(node, &mut s).with_context(context)?;
+        for o in node.outputs.iter().filter(|o| !o.is_empty()) {
+            if let Some(shape) = s.shapes.get(o) {
+                check_size(shape, || format!("output `{o}` of shape {shape:?}"))
+                    .with_context(context)?;
+            }
+        }
     }
     Ok(s)
+}
+
+/// Refuses a value whose size, as float32, overflows or exceeds the memory available: a
+/// runtime would try to allocate it (hostile models declare such sizes to exhaust memory).
+fn check_size(shape: &[usize], what: impl FnOnce() -> String) -> Result<()> {
+    let bytes = crate::util::byte_size(shape.iter().map(|&d| d as u64), 4);
+    crate::util::ensure_fits_in_memory(bytes, || format!("{} (as float32)", what()))
 }
 
 /// Graph input shapes with the batch axis set to `batch`.
