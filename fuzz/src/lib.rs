@@ -512,9 +512,10 @@ impl GraphDesc {
         };
         // Nesting only at the top keeps generated inputs small while still reaching
         // depths past prost's recursion limit.
-        if depth == 0 && self.nest > 0 {
+        let levels = NESTING[self.nest as usize % NESTING.len()];
+        if depth == 0 && levels > 0 {
             let mut inner = g.clone();
-            for _ in 0..NESTING[self.nest as usize % NESTING.len()] {
+            for _ in 0..levels {
                 inner = GraphProto {
                     name: "nested".into(),
                     node: vec![NodeProto {
