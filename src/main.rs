@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use shrink::commands::bench::{BenchArgs, RssProbeArgs};
 use shrink::commands::gate::GateArgs;
 use shrink::commands::inspect::InspectArgs;
+use shrink::commands::quantize::QuantizeArgs;
 use shrink::commands::run::RunArgs;
 use shrink::commands::ExitStatus;
 
@@ -27,6 +28,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Measure latency, memory and accuracy of one or more models, side by side.
     Bench(BenchArgs),
+    /// Quantize a float model to int8 with calibration on real data.
+    Quantize(QuantizeArgs),
     /// Check a bench report against budgets and a baseline; exit 1 when a gate fails.
     Gate(GateArgs),
     #[command(name = "__rss-probe", hide = true)]
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         }
         Command::Inspect(args) => shrink::commands::inspect::inspect(&args),
         Command::Bench(args) => shrink::commands::bench::bench(&args),
+        Command::Quantize(args) => shrink::commands::quantize::run_quantize(&args),
         Command::Gate(args) => shrink::commands::gate::gate(&args),
         Command::RssProbe(args) => shrink::commands::bench::rss_probe(&args),
     };

@@ -4,3 +4,4 @@ mod util;
 
 mod bench;
 mod gate;
+mod quantize;

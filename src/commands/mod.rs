@@ -4,6 +4,7 @@ pub mod bench;
 pub mod gate;
 pub mod inspect;
 pub mod pipeline;
+pub mod quantize;
 pub mod reporters;
 pub mod run;
 
