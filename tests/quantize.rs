@@ -207,3 +207,99 @@ fn calibration_data_of_the_wrong_shape_is_refused() {
     );
     assert!(!d.path("q.onnx").exists());
 }
+
+#[test]
+fn wide_teacher_is_under_027x_and_keeps_accuracy_in_ort() {
+    let d = Dir::new();
+    let out = quantize(
+        &d,
+        &fixture("teacher_wide.onnx"),
+        "q.onnx",
+        &["--report", "q.json"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let r: serde_json::Value = serde_json::from_str(&d.read("q.json")).unwrap();
+    let ratio = r["size_ratio"].as_f64().unwrap();
+    assert!(ratio <= 0.27, "size ratio {ratio}");
+    let float = top1(&d, &fixture("teacher_wide.onnx"), "ort");
+    let int8 = top1(&d, "q.onnx", "ort");
+    assert!(float - int8 <= 0.003, "int8 {int8} vs float {float}");
+}
+
+#[test]
+fn accuracy_aware_mode_returns_sensitive_layers_to_float_until_the_budget_holds() {
+    let d = Dir::new();
+    // Entropy ranges clip this teacher's early activations and cost about a point; the
+    // search must win it back by keeping the most sensitive nodes in float.
+    let out = quantize(
+        &d,
+        &fixture("teacher.onnx"),
+        "q.onnx",
+        &[
+            "--method",
+            "entropy",
+            "--eval",
+            &fixture("digits_val.npz"),
+            "--max-accuracy-drop",
+            "0.2",
+            "--report",
+            "q.json",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let r: serde_json::Value = serde_json::from_str(&d.read("q.json")).unwrap();
+    let drop = r["accuracy_drop_pts"].as_f64().unwrap();
+    assert!(drop <= 0.2, "drop {drop}");
+    let kept = r["kept_float_for_accuracy"].as_array().unwrap();
+    assert!(!kept.is_empty(), "{r}");
+    let sens = r["sensitivity"].as_array().unwrap();
+    assert_eq!(sens[0]["rank"], 1);
+    assert!(sens
+        .windows(2)
+        .all(|w| w[0]["output_sqnr_db"].as_f64() <= w[1]["output_sqnr_db"].as_f64()));
+    assert_eq!(sens[0]["node"], kept[0]);
+}
+
+#[test]
+fn equalization_keeps_the_float_function() {
+    let d = Dir::new();
+    let out = d.run(&[
+        "quantize",
+        &fixture("teacher.onnx"),
+        "--calib",
+        &fixture("digits_train.npz"),
+        "--out",
+        "q.onnx",
+        "--equalize",
+        "--save-prepared",
+        "eq.onnx",
+        "--threads",
+        "1",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("equalized 2 conv pairs"),
+        "{}",
+        out.stderr
+    );
+    let r = d.run(&[
+        "bench",
+        "eq.onnx",
+        "--reference",
+        &fixture("teacher.onnx"),
+        "--data",
+        &fixture("digits_val.npz"),
+        "--iterations",
+        "1",
+        "--no-memory",
+        "--json",
+        "r.json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ag = BenchReport::load(&d.path("r.json")).unwrap().models[0]
+        .agreement
+        .clone()
+        .unwrap();
+    assert_eq!(ag.top1_agreement, 1.0);
+    assert!(ag.max_abs_diff < 1e-4, "{}", ag.max_abs_diff);
+}

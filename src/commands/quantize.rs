@@ -12,7 +12,9 @@ use crate::data::{Dataset, Preprocess};
 use crate::onnx::Model;
 use crate::quant::calib::{Method, RangeOptions, DEFAULT_PERCENTILE};
 use crate::quant::prepare::{prepare, Prepared};
-use crate::quant::qdq::{quantize, QuantOptions, QuantProgress, QuantReport, QuantTarget, Runner};
+use crate::quant::qdq::{
+    quantize, sensitivity, QuantOptions, QuantProgress, QuantReport, QuantTarget, Runner,
+};
 use crate::quant::QType;
 use crate::runtime::{self, BackendKind, RuntimeOptions};
 
@@ -62,6 +64,10 @@ pub struct QuantizeArgs {
     /// Skip bias correction (on by default).
     #[arg(long)]
     pub no_bias_correction: bool,
+    /// Cross-layer equalization of Conv → ReLU → Conv pairs before quantizing (helps
+    /// depthwise-separable nets whose channels have very different ranges).
+    #[arg(long)]
+    pub equalize: bool,
     /// Labelled data to measure accuracy before and after.
     #[arg(long, value_name = "DATA")]
     pub eval: Option<PathBuf>,
@@ -152,6 +158,15 @@ impl QuantProgress for BarReporter {
 }
 
 #[derive(Debug, Serialize)]
+struct Sensitivity {
+    node: String,
+    /// 1 is the most sensitive.
+    rank: usize,
+    output_sqnr_db: f64,
+    kept_float: bool,
+}
+
+#[derive(Debug, Serialize)]
 struct FullReport<'a> {
     schema: &'static str,
     model: String,
@@ -167,6 +182,8 @@ struct FullReport<'a> {
     accuracy_after_top1: Option<f64>,
     accuracy_drop_pts: Option<f64>,
     kept_float_for_accuracy: Vec<String>,
+    /// Filled by the accuracy-aware search: output SQNR with only that layer quantized.
+    sensitivity: Vec<Sensitivity>,
     #[serde(flatten)]
     quant: &'a QuantReport,
 }
@@ -176,6 +193,15 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
     let sample = sample_shape(&model)?;
     let prepared = prepare(&mut model)
         .with_context(|| format!("cannot prepare {} for quantization", args.model.display()))?;
+    if args.equalize {
+        let (pairs, skipped) = crate::quant::prepare::equalize_pairs(&mut model.graph)?;
+        crate::printer::info(format!("equalized {} conv pairs", pairs.len()));
+        if skipped > 0 {
+            crate::printer::warn(format!(
+                "{skipped} conv pairs are joined by Clip (ReLU6), which equalization would change; they were left alone"
+            ));
+        }
+    }
     if let Some(p) = &args.save_prepared {
         model.save(p)?;
     }
@@ -223,11 +249,13 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         exclude_nodes: args.exclude.clone(),
         exclude_ops: args.exclude_op.clone(),
         bias_correction: !args.no_bias_correction,
+        only_nodes: None,
     };
     let (mut qmodel, mut report) = quantize(&model, &opts, &mut runner, &bar)?;
     let mut before = None;
     let mut after = None;
     let mut kept = Vec::new();
+    let mut sensitivities = Vec::new();
     if let Some(eval) = &args.eval {
         let acc = |m: &Model| -> Result<f64> {
             let bytes = prost::Message::encode_to_vec(&m.to_proto());
@@ -235,17 +263,31 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         };
         let b = acc(&model)?;
         let mut a = acc(&qmodel)?;
-        if let Some(budget) = args.max_accuracy_drop {
-            // Most sensitive layers first: lowest weight SQNR is where rounding hurts most.
-            let mut ranked: Vec<_> = report
-                .layers
-                .iter()
-                .map(|l| (l.weight_sqnr_db, l.node.clone()))
-                .collect();
-            ranked.sort_by(|x, y| x.0.total_cmp(&y.0));
-            let mut it = ranked.into_iter();
-            while (b - a) * 100.0 > budget {
-                let Some((_, node)) = it.next() else { break };
+        if let Some(budget) = args
+            .max_accuracy_drop
+            .filter(|&budget| (b - a) * 100.0 > budget)
+        {
+            crate::printer::info(format!(
+                "top-1 drops {:.2} points (budget {budget}); ranking layers by sensitivity...",
+                (b - a) * 100.0
+            ));
+            let ranked = sensitivity(&model, &opts, &mut runner)?;
+            for (rank, (node, sqnr)) in ranked.iter().enumerate() {
+                sensitivities.push(Sensitivity {
+                    node: node.clone(),
+                    rank: rank + 1,
+                    output_sqnr_db: *sqnr,
+                    kept_float: false,
+                });
+            }
+            // Return the most sensitive layers to float, one at a time, until the budget holds.
+            for (node, _) in ranked {
+                if (b - a) * 100.0 <= budget {
+                    break;
+                }
+                if let Some(s) = sensitivities.iter_mut().find(|s| s.node == node) {
+                    s.kept_float = true;
+                }
                 opts.exclude_nodes.push(node.clone());
                 kept.push(node);
                 let (m, r) = quantize(&model, &opts, &mut runner, &bar)?;
@@ -260,7 +302,10 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
                 report = r;
             }
             if (b - a) * 100.0 > budget {
-                crate::printer::warn(format!("even with every weight layer in float the drop is {:.2} points, over the {budget} point budget", (b - a) * 100.0));
+                crate::printer::warn(format!(
+                    "with every weight layer in float the drop is still {:.2} points, over the {budget} point budget",
+                    (b - a) * 100.0
+                ));
             }
         }
         before = Some(b);
@@ -286,6 +331,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         accuracy_after_top1: after,
         accuracy_drop_pts: before.zip(after).map(|(b, a)| (b - a) * 100.0),
         kept_float_for_accuracy: kept,
+        sensitivity: sensitivities,
         quant: &report,
     };
     let md = markdown(&full);

@@ -53,6 +53,8 @@ pub struct QuantOptions {
     pub exclude_nodes: Vec<String>,
     pub exclude_ops: Vec<String>,
     pub bias_correction: bool,
+    /// When set, only these nodes are quantized (sensitivity analysis).
+    pub only_nodes: Option<Vec<String>>,
 }
 
 impl Default for QuantOptions {
@@ -66,6 +68,7 @@ impl Default for QuantOptions {
             exclude_nodes: vec![],
             exclude_ops: vec![],
             bias_correction: true,
+            only_nodes: None,
         }
     }
 }
@@ -186,6 +189,13 @@ fn decide(g: &Graph, opts: &QuantOptions) -> Result<Decisions> {
         if !QUANT_OPS.contains(&n.op_type.as_str())
             || opts.exclude_nodes.contains(&n.name)
             || opts.exclude_ops.contains(&n.op_type)
+        {
+            continue;
+        }
+        if opts
+            .only_nodes
+            .as_ref()
+            .is_some_and(|o| !o.contains(&n.name))
         {
             continue;
         }
@@ -494,25 +504,27 @@ fn build_qdq(
     let g = &mut m.graph;
     let graph_inputs: HashSet<String> = g.inputs.iter().map(|v| v.name.clone()).collect();
     let mut new_nodes = Vec::new();
-    for t in &d.tensors {
+    // Short generated names: on small models, names repeated per Q/DQ pair are a visible
+    // share of the file; the original tensor names stay on the dequantized values.
+    for (k, t) in d.tensors.iter().enumerate() {
         let p = params[t];
-        let scale = g.fresh_name(&format!("{t}_scale"));
+        let scale = g.fresh_name(&format!("a{k}_scale"));
         g.initializers
             .insert(scale.clone(), f32_tensor(&scale, vec![], vec![p.scale]));
-        let zp = g.fresh_name(&format!("{t}_zero_point"));
+        let zp = g.fresh_name(&format!("a{k}_zero_point"));
         g.initializers.insert(
             zp.clone(),
             zero_point_tensor(&zp, act.qtype, &[p.zero_point], vec![]),
         );
-        let q = g.fresh_name(&format!("{t}_quantized"));
+        let q = g.fresh_name(&format!("a{k}_q"));
         let (src, dst) = if graph_inputs.contains(t) {
-            let dq = g.fresh_name(&format!("{t}_dequantized"));
+            let dq = g.fresh_name(&format!("a{k}_dq"));
             super::prepare::rename_uses(g, t, &dq);
             (t.clone(), dq)
         } else {
             // The producer writes `t_float`; the DequantizeLinear output keeps the name `t`,
             // so consumers and graph outputs see the quantized value.
-            let f = g.fresh_name(&format!("{t}_float"));
+            let f = g.fresh_name(&format!("a{k}_float"));
             let prod = g
                 .nodes
                 .iter_mut()
@@ -551,7 +563,7 @@ fn build_qdq(
         let deq_name = match done.get(&wname) {
             Some(x) => x.clone(),
             None => {
-                let qn = g.fresh_name(&format!("{wname}_quantized"));
+                let qn = g.fresh_name(&format!("w{}_q", done.len()));
                 g.initializers.insert(
                     qn.clone(),
                     Tensor::new(qn.clone(), dims.clone(), Data::I8(pc.data.clone())),
@@ -561,11 +573,11 @@ fn build_qdq(
                 } else {
                     vec![]
                 };
-                let sn = g.fresh_name(&format!("{wname}_scale"));
+                let sn = g.fresh_name(&format!("w{}_scale", done.len()));
                 g.initializers
                     .insert(sn.clone(), f32_tensor(&sn, sdims, pc.scales.clone()));
                 // Symmetric: the zero point is 0, DequantizeLinear's default, so it is left out.
-                let dq = g.fresh_name(&format!("{wname}_dequantized"));
+                let dq = g.fresh_name(&format!("w{}_dq", done.len()));
                 let mut dqn = node(
                     String::new(),
                     "DequantizeLinear",
@@ -607,15 +619,15 @@ fn build_qdq(
                 } else {
                     qb.scales.clone()
                 };
-                let qn = g.fresh_name(&format!("{bname}_quantized"));
+                let qn = g.fresh_name(&format!("b{}_q", done.len()));
                 g.initializers.insert(
                     qn.clone(),
                     Tensor::new(qn.clone(), vec![c], Data::I32(qb.data)),
                 );
-                let sn = g.fresh_name(&format!("{bname}_scale"));
+                let sn = g.fresh_name(&format!("b{}_scale", done.len()));
                 g.initializers
                     .insert(sn.clone(), f32_tensor(&sn, vec![c], scales));
-                let dq = g.fresh_name(&format!("{bname}_dequantized"));
+                let dq = g.fresh_name(&format!("b{}_dq", done.len()));
                 let mut dqn = node(
                     String::new(),
                     "DequantizeLinear",
@@ -634,4 +646,47 @@ fn build_qdq(
     g.sort_topologically()
         .context("the quantized graph is not valid")?;
     Ok(m)
+}
+
+/// Every graph output of `model` over the calibration data, concatenated in graph order.
+fn collect_outputs(model: &Model, runner: &mut dyn Runner) -> Result<Vec<f32>> {
+    let mut all = Vec::new();
+    runner.run(model, &mut |_, _, v| {
+        all.extend_from_slice(v);
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// Sensitivity of each quantized node: the SQNR (dB) of the model's outputs when that node
+/// alone is quantized, lowest (most sensitive) first.
+pub fn sensitivity(
+    model: &Model,
+    opts: &QuantOptions,
+    runner: &mut dyn Runner,
+) -> Result<Vec<(String, f64)>> {
+    let reference = collect_outputs(model, runner)?;
+    let candidates: Vec<String> = decide(&model.graph, opts)?
+        .nodes
+        .iter()
+        .map(|&i| &model.graph.nodes[i])
+        .map(|n| n.name.clone())
+        .collect();
+    let mut out = Vec::new();
+    for name in candidates {
+        let single = QuantOptions {
+            only_nodes: Some(vec![name.clone()]),
+            bias_correction: false,
+            ..opts.clone()
+        };
+        let (m, _) = quantize(model, &single, runner, &())?;
+        let got = collect_outputs(&m, runner)?;
+        ensure!(
+            got.len() == reference.len(),
+            "the quantized model's outputs differ in size from the float model's"
+        );
+        out.push((name, sqnr_db(&reference, &got)));
+    }
+    out.sort_by(|a, b| a.1.total_cmp(&b.1));
+    Ok(out)
 }
