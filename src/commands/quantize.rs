@@ -116,39 +116,62 @@ impl Runner for DatasetRunner<'_> {
         let bytes = prost::Message::encode_to_vec(&model.to_proto());
         let names: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
         let [c, h, w] = self.ds.sample_shape();
+        let batch = calibration_batch(model, self.batch);
         let mut sessions: Vec<(usize, Box<dyn runtime::Session>)> = Vec::new();
         let rt = self.rt.clone();
         self.bar.start("calibrating", self.indices.len() as u64);
-        self.ds
-            .for_each_subset_batch(&self.indices, self.batch, |b| {
-                let n = b.shape[0];
-                let s = match sessions.iter().position(|(k, _)| *k == n) {
-                    Some(i) => &mut sessions[i].1,
-                    None => {
-                        sessions.push((
-                            n,
-                            runtime::open(&bytes, &[n, c, h, w], &rt)
-                                .context("cannot run the model for calibration")?,
-                        ));
-                        &mut sessions.last_mut().expect("pushed").1
-                    }
-                };
-                let outs = s.run(&b.x)?;
-                ensure!(
-                    outs.len() == names.len(),
-                    "the calibration model returned {} outputs for {} requested",
-                    outs.len(),
-                    names.len()
-                );
-                for (name, o) in names.iter().zip(&outs) {
-                    sink(name, &o.shape, &o.data)?;
+        self.ds.for_each_subset_batch(&self.indices, batch, |b| {
+            let n = b.shape[0];
+            let s = match sessions.iter().position(|(k, _)| *k == n) {
+                Some(i) => &mut sessions[i].1,
+                None => {
+                    sessions.push((
+                        n,
+                        runtime::open(&bytes, &[n, c, h, w], &rt)
+                            .context("cannot run the model for calibration")?,
+                    ));
+                    &mut sessions.last_mut().expect("pushed").1
                 }
-                self.bar.advance(n as u64);
-                Ok(())
-            })?;
+            };
+            let outs = s.run(&b.x)?;
+            ensure!(
+                outs.len() == names.len(),
+                "the calibration model returned {} outputs for {} requested",
+                outs.len(),
+                names.len()
+            );
+            for (name, o) in names.iter().zip(&outs) {
+                sink(name, &o.shape, &o.data)?;
+            }
+            self.bar.advance(n as u64);
+            Ok(())
+        })?;
         self.bar.done();
         Ok(())
     }
+}
+
+/// Calibration batch size: at most `max`, and small enough that one batch of every requested
+/// output stays near 128 MiB (the runtime holds them all at once), so calibrating ResNet-size
+/// models does not need gigabytes.
+fn calibration_batch(model: &Model, max: usize) -> usize {
+    const BUDGET: usize = 128 << 20;
+    let per_sample = crate::onnx::shape::input_shapes(&model.graph, 1)
+        .and_then(|s| crate::onnx::shape::infer(&model.graph, &s))
+        .map(|s| {
+            model
+                .graph
+                .outputs
+                .iter()
+                .filter_map(|o| s.shapes.get(&o.name))
+                .map(|d| d.iter().product::<usize>() * 4)
+                .sum::<usize>()
+        })
+        .unwrap_or(0);
+    if per_sample == 0 {
+        return max;
+    }
+    (BUDGET / per_sample).clamp(1, max)
 }
 
 impl QuantProgress for BarReporter {
