@@ -12,6 +12,8 @@ pub mod net;
 pub mod plan;
 pub mod tensor;
 #[cfg(test)]
+mod tests;
+#[cfg(test)]
 pub(crate) mod testutil;
 
 pub use backprop::GradStore;
