@@ -690,3 +690,107 @@ pub fn sensitivity(
     out.sort_by(|a, b| a.1.total_cmp(&b.1));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{open, BackendKind, RuntimeOptions};
+
+    /// Calibration over fixed in-memory batches with tract.
+    struct Batches(Vec<Vec<f32>>, [usize; 4]);
+
+    impl Runner for Batches {
+        fn run(
+            &mut self,
+            model: &Model,
+            sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
+        ) -> Result<()> {
+            let bytes = prost::Message::encode_to_vec(&model.to_proto());
+            let opts = RuntimeOptions {
+                backend: BackendKind::Tract,
+                threads: 1,
+                ..Default::default()
+            };
+            let mut s = open(&bytes, &self.1, &opts)?;
+            let names: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+            for b in &self.0 {
+                for (n, o) in names.iter().zip(s.run(b)?) {
+                    sink(n, &o.shape, &o.data)?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn digits() -> (Vec<usize>, Vec<f32>) {
+        let p =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/digits_small_f32.npz");
+        crate::data::npy::read_npz_array(&p, "x").unwrap()
+    }
+
+    // One QDQ layer (the stem Conv with its fused ReLU): the engine's fake-quantized forward
+    // and ONNX Runtime's int8 kernels must agree. Their float accumulations differ in the last
+    // bits, so a value lying on a rounding boundary may land one step apart; the tolerance is
+    // one quantization step, and at most 0.1% of values may differ at all.
+    #[test]
+    fn engine_fake_quant_matches_onnx_runtime_on_a_single_qdq_layer() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/teacher.onnx");
+        let mut model = Model::load(&path).unwrap();
+        super::super::prepare::prepare(&mut model).unwrap();
+        let (shape, x) = digits();
+        let shape4 = [shape[0], shape[1], shape[2], shape[3]];
+        let opts = QuantOptions {
+            only_nodes: Some(vec!["/conv1/Conv".into()]),
+            ..Default::default()
+        };
+        let (q, report) =
+            quantize(&model, &opts, &mut Batches(vec![x.clone()], shape4), &()).unwrap();
+        let relu = "/Relu_output_0";
+        let step = report
+            .activations
+            .iter()
+            .find(|a| a.tensor == relu)
+            .unwrap()
+            .scale;
+        let probe = with_outputs(&q, &[relu.to_string()]);
+
+        let bytes = prost::Message::encode_to_vec(&probe.to_proto());
+        let ort_opts = RuntimeOptions {
+            backend: BackendKind::Ort,
+            threads: 1,
+            ..Default::default()
+        };
+        let ort_out = open(&bytes, &shape, &ort_opts)
+            .unwrap()
+            .run(&x)
+            .unwrap()
+            .remove(0)
+            .data;
+
+        let mut net = crate::engine::Net::from_model(&probe).unwrap();
+        let input = crate::engine::Tensor::new(shape.clone(), x.clone()).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        use rand::SeedableRng;
+        let fwd = net
+            .forward(&input, crate::engine::Mode::Eval, &mut rng)
+            .unwrap();
+        let eng = &fwd.output().data;
+
+        assert_eq!(eng.len(), ort_out.len());
+        let differ = eng.iter().zip(&ort_out).filter(|(a, b)| a != b).count();
+        let worst = eng
+            .iter()
+            .zip(&ort_out)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= step * 1.0001,
+            "max diff {worst} exceeds one step {step}"
+        );
+        assert!(
+            differ * 1000 <= eng.len(),
+            "{differ} of {} values differ",
+            eng.len()
+        );
+    }
+}
