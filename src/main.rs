@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use shrink::commands::bench::{BenchArgs, RssProbeArgs};
+use shrink::commands::bench::{BenchArgs, PredictArgs, RssProbeArgs};
 use shrink::commands::gate::GateArgs;
 use shrink::commands::inspect::InspectArgs;
 use shrink::commands::quantize::QuantizeArgs;
@@ -34,6 +34,8 @@ enum Command {
     Gate(GateArgs),
     #[command(name = "__rss-probe", hide = true)]
     RssProbe(RssProbeArgs),
+    #[command(name = "__predict", hide = true)]
+    Predict(PredictArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Quantize(args) => shrink::commands::quantize::run_quantize(&args),
         Command::Gate(args) => shrink::commands::gate::gate(&args),
         Command::RssProbe(args) => shrink::commands::bench::rss_probe(&args),
+        Command::Predict(args) => shrink::commands::bench::predict(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status.code() as u8),
