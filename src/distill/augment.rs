@@ -107,7 +107,7 @@ mod tests {
         translate(&mut x, &mut s, 1, 3, 3, 1, -1);
         assert_eq!(x, vec![0.0, 0.0, 0.0, 2.0, 3.0, 0.0, 5.0, 6.0, 0.0]);
         let mut x = vec![1.0; 4];
-        translate(&mut x, &mut vec![0.0; 4], 1, 2, 2, 0, 5);
+        translate(&mut x, &mut [0.0; 4], 1, 2, 2, 0, 5);
         assert_eq!(x, vec![0.0; 4]);
     }
 

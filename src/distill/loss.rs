@@ -18,7 +18,7 @@ pub struct LossGrad {
 
 /// Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": the soft-target term
 /// is scaled by T² so its gradients keep their size as the temperature changes.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KdConfig {
     pub temperature: f64,
     /// Weight of the soft-target term; `1 - alpha` weighs the hard-label cross-entropy.
@@ -39,7 +39,7 @@ fn log_softmax(row: &[f32], scale: f64, out: &mut [f64]) {
 fn check_shapes(logits: &[f32], classes: usize, labels: &[i64]) -> Result<usize> {
     ensure!(classes > 0, "the model's output has no classes");
     ensure!(
-        !logits.is_empty() && logits.len() % classes == 0,
+        !logits.is_empty() && logits.len().is_multiple_of(classes),
         "{} logits do not split into rows of {classes} classes",
         logits.len()
     );
@@ -159,6 +159,8 @@ pub fn correct(logits: &[f32], classes: usize, labels: &[i64]) -> usize {
 }
 
 #[cfg(test)]
+// Reference values are pasted as PyTorch printed them.
+#[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
 

@@ -6,6 +6,10 @@
 //! that recipes and hyperparameters carry over.
 
 pub mod augment;
+pub mod checkpoint;
+pub mod feature;
 pub mod loss;
+pub mod net;
 pub mod optim;
 pub mod schedule;
+pub mod train;

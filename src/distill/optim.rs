@@ -62,7 +62,7 @@ pub struct Sgd {
 impl Sgd {
     pub fn new(lr: f64, momentum: f64, nesterov: bool, weight_decay: f64) -> Result<Sgd> {
         ensure!(lr >= 0.0 && lr.is_finite(), "the learning rate must be a finite number >= 0, got {lr}");
-        ensure!(momentum >= 0.0 && momentum < 1.0, "SGD momentum must be in [0, 1), got {momentum}");
+        ensure!((0.0..1.0).contains(&momentum), "SGD momentum must be in [0, 1), got {momentum}");
         ensure!(weight_decay >= 0.0, "weight decay must be >= 0, got {weight_decay}");
         ensure!(!nesterov || momentum > 0.0, "Nesterov momentum needs --momentum greater than 0");
         Ok(Sgd { lr, momentum, nesterov, weight_decay, buffers: BTreeMap::new() })
@@ -284,6 +284,8 @@ impl OptimizerConfig {
 }
 
 #[cfg(test)]
+// Reference values are pasted as PyTorch printed them.
+#[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
 

@@ -64,6 +64,8 @@ impl Schedule {
 }
 
 #[cfg(test)]
+// Reference values are pasted as PyTorch printed them.
+#[allow(clippy::excessive_precision)]
 mod tests {
     use super::*;
 
