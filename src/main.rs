@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use shrink::commands::bench::{BenchArgs, RssProbeArgs};
+use shrink::commands::distill::{DistillArgs, TrainArgs};
 use shrink::commands::gate::GateArgs;
 use shrink::commands::inspect::InspectArgs;
 use shrink::commands::ExitStatus;
@@ -26,6 +27,10 @@ enum Command {
     Bench(BenchArgs),
     /// Check a bench report against budgets and a baseline; exit 1 when a gate fails.
     Gate(GateArgs),
+    /// Train a small student model to imitate a large teacher (knowledge distillation).
+    Distill(DistillArgs),
+    /// Train a model on labelled data.
+    Train(TrainArgs),
     #[command(name = "__rss-probe", hide = true)]
     RssProbe(RssProbeArgs),
 }
@@ -37,6 +42,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => shrink::commands::inspect::inspect(&args),
         Command::Bench(args) => shrink::commands::bench::bench(&args),
         Command::Gate(args) => shrink::commands::gate::gate(&args),
+        Command::Distill(args) => shrink::commands::distill::distill(&args),
+        Command::Train(args) => shrink::commands::distill::train(&args),
         Command::RssProbe(args) => shrink::commands::bench::rss_probe(&args),
     };
     match result {

@@ -7,9 +7,11 @@
 
 pub mod augment;
 pub mod checkpoint;
+pub mod engine_net;
 pub mod feature;
 pub mod loss;
 pub mod net;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod train;

@@ -48,3 +48,26 @@ impl<N: Network> Teacher for NetTeacher<N> {
         self.0.infer(x, taps)
     }
 }
+
+/// Writes the network's parameters and state into the model's initializers of the same
+/// names, keeping everything else of the graph as it was. Only float32 initializers are
+/// written: a trained weight must not silently change type.
+pub fn write_back(net: &dyn Network, model: &mut crate::onnx::Model) -> Result<()> {
+    use anyhow::{bail, Context};
+    let state = net.state();
+    for (name, t) in net.params().iter().chain(state.iter()) {
+        let init = model
+            .graph
+            .initializers
+            .get_mut(name)
+            .with_context(|| format!("the model has no initializer `{name}` to write the trained values into"))?;
+        if init.dims != t.shape {
+            bail!("initializer `{name}` has shape {:?} but training produced {:?}", init.dims, t.shape);
+        }
+        match &mut init.data {
+            crate::onnx::Data::F32(v) => v.copy_from_slice(&t.data),
+            other => bail!("initializer `{name}` is {:?}, not float32; shrink writes trained weights only into float32 initializers", other.dtype()),
+        }
+    }
+    Ok(())
+}
