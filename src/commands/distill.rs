@@ -289,3 +289,126 @@ impl Teacher for OrtTeacher {
         Ok((Tensor::new(first.shape, first.data)?, Vec::new()))
     }
 }
+
+/// A recipe's `distill` stage as run options (metrics and the ONNX Runtime library are the
+/// executor's to choose). The training data's preprocessing applies to validation too.
+pub fn distill_options(o: &crate::recipe::DistillOptions) -> Options {
+    let mut opts = Options::new(
+        Some(o.teacher.path.clone()),
+        o.student.path.clone(),
+        o.data.dataset.path.clone(),
+        o.out.path.clone(),
+    );
+    opts.val = o.val.as_ref().map(|v| v.dataset.path.clone());
+    opts.preprocess = o.data.dataset.preprocess.clone();
+    opts.temperature = o.temperature;
+    opts.alpha = o.alpha;
+    opts.teacher_backend = match o.teacher_backend {
+        crate::recipe::TeacherBackend::Engine => TeacherBackend::Engine,
+        crate::recipe::TeacherBackend::Ort => TeacherBackend::Ort,
+    };
+    common_from_recipe(
+        opts,
+        RecipeCommon {
+            epochs: o.epochs,
+            batch_size: o.batch_size,
+            lr: o.lr,
+            optimizer: o.optimizer,
+            momentum: o.momentum,
+            nesterov: o.nesterov,
+            weight_decay: o.weight_decay,
+            schedule: o.schedule,
+            warmup_epochs: o.warmup_epochs,
+            label_smoothing: o.label_smoothing,
+            clip_grad_norm: o.clip_grad_norm,
+            augment: &o.augment,
+            freeze: &o.freeze,
+            train_only: &o.train_only,
+            seed: o.seed,
+            threads: o.threads,
+        },
+    )
+}
+
+/// A recipe's `train` stage as run options.
+pub fn train_options(o: &crate::recipe::TrainOptions) -> Options {
+    let mut opts = Options::new(None, o.model.path.clone(), o.data.dataset.path.clone(), o.out.path.clone());
+    opts.val = o.val.as_ref().map(|v| v.dataset.path.clone());
+    opts.preprocess = o.data.dataset.preprocess.clone();
+    common_from_recipe(
+        opts,
+        RecipeCommon {
+            epochs: o.epochs,
+            batch_size: o.batch_size,
+            lr: o.lr,
+            optimizer: o.optimizer,
+            momentum: o.momentum,
+            nesterov: o.nesterov,
+            weight_decay: o.weight_decay,
+            schedule: o.schedule,
+            warmup_epochs: o.warmup_epochs,
+            label_smoothing: o.label_smoothing,
+            clip_grad_norm: o.clip_grad_norm,
+            augment: &o.augment,
+            freeze: &o.freeze,
+            train_only: &o.train_only,
+            seed: o.seed,
+            threads: o.threads,
+        },
+    )
+}
+
+struct RecipeCommon<'a> {
+    epochs: usize,
+    batch_size: usize,
+    lr: f64,
+    optimizer: crate::recipe::Optimizer,
+    momentum: f64,
+    nesterov: bool,
+    weight_decay: f64,
+    schedule: crate::recipe::Schedule,
+    warmup_epochs: usize,
+    label_smoothing: f64,
+    clip_grad_norm: Option<f64>,
+    augment: &'a [crate::recipe::Augment],
+    freeze: &'a [String],
+    train_only: &'a [String],
+    seed: u64,
+    threads: Option<usize>,
+}
+
+fn common_from_recipe(mut opts: Options, c: RecipeCommon<'_>) -> Options {
+    use crate::recipe;
+    opts.epochs = c.epochs;
+    opts.batch_size = c.batch_size;
+    opts.lr = c.lr;
+    opts.optimizer = match c.optimizer {
+        recipe::Optimizer::Sgd => OptimizerKind::Sgd,
+        recipe::Optimizer::Adamw => OptimizerKind::Adamw,
+    };
+    opts.momentum = c.momentum;
+    opts.nesterov = c.nesterov;
+    opts.weight_decay = c.weight_decay;
+    opts.schedule = match c.schedule {
+        recipe::Schedule::Cosine => ScheduleKind::Cosine,
+        recipe::Schedule::Step => ScheduleKind::Step,
+        recipe::Schedule::Constant => ScheduleKind::Constant,
+    };
+    opts.warmup_epochs = c.warmup_epochs;
+    opts.label_smoothing = c.label_smoothing;
+    opts.clip_grad_norm = c.clip_grad_norm;
+    opts.augment = c
+        .augment
+        .iter()
+        .map(|a| match a {
+            recipe::Augment::Crop => Augment::Crop,
+            recipe::Augment::Flip => Augment::Flip,
+            recipe::Augment::Shift => Augment::Shift,
+        })
+        .collect();
+    opts.freeze = c.freeze.to_vec();
+    opts.train_only = c.train_only.to_vec();
+    opts.seed = c.seed;
+    opts.threads = c.threads;
+    opts
+}

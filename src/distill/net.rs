@@ -20,6 +20,10 @@ pub trait Network {
     /// State that training updates but the optimizer does not (batch-norm running statistics).
     fn state(&self) -> Named;
     fn set_state(&mut self, state: &Named) -> Result<()>;
+    /// Only these parameters will be trained; a network may then skip the others' gradients.
+    fn set_trainable(&mut self, _names: &std::collections::BTreeSet<String>) -> Result<()> {
+        Ok(())
+    }
     /// Inference-mode forward pass: the logits and the intermediate tensors named in `taps`.
     fn infer(&mut self, x: &Tensor, taps: &[String]) -> Result<(Tensor, Vec<Tensor>)>;
     /// Training-mode forward pass (batch statistics, running statistics updated), then

@@ -248,6 +248,7 @@ pub fn run(
         }
         let mut net = engine_net::open(&model).with_context(|| format!("cannot train {}", opts.student.display()))?;
         let trainable = select(net.as_ref(), opts)?;
+        net.set_trainable(&trainable)?;
         describe_trainable(net.as_ref(), &trainable, &opts.student);
 
         // --- the teacher ---------------------------------------------------------------
