@@ -5,10 +5,15 @@
 //! student's own ONNX graph (any supported op, ONNX attribute semantics, weights written
 //! back in place); no Rust crate trains an arbitrary ONNX graph.
 
+pub mod backprop;
 pub mod kernels;
 pub mod linalg;
+pub mod net;
+pub mod plan;
 pub mod tensor;
 #[cfg(test)]
 pub(crate) mod testutil;
 
+pub use backprop::GradStore;
+pub use net::{Forward, Mode, Net, ParamInfo, ParamStore};
 pub use tensor::Tensor;

@@ -24,7 +24,7 @@ pub fn assert_close(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str)
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
         assert!(
-            err <= atol + rtol * w.abs() && g.is_finite() == w.is_finite(),
+            g as f64 == w || (err <= atol + rtol * w.abs() && g.is_finite() == w.is_finite()),
             "{what}: element {i}: got {g}, want {w} (|diff| {err:e} > {atol:e} + {rtol:e}*|want|)"
         );
     }
