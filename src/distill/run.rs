@@ -275,6 +275,10 @@ pub fn run(
             }
         };
 
+        if let Some(t) = &teacher {
+            printer::info(format!("teacher runs on {}", t.describe()));
+        }
+
         // --- data --------------------------------------------------------------------
         let data = load_samples(&opts.data, &opts.preprocess, sample, "training data", &opts.student)?;
         let val_pre = Preprocess { limit: None, ..opts.preprocess.clone() };
@@ -413,4 +417,63 @@ fn fingerprint(cfg: &FitConfig, student: &[u8], teacher: &[u8], opts: &Options, 
         h.update([0]);
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::distill::net::LossFn;
+    use crate::distill::optim::Named;
+
+    struct Weights(Named);
+
+    impl Network for Weights {
+        fn params(&self) -> &Named {
+            &self.0
+        }
+        fn params_mut(&mut self) -> &mut Named {
+            &mut self.0
+        }
+        fn state(&self) -> Named {
+            Named::new()
+        }
+        fn set_state(&mut self, _: &Named) -> Result<()> {
+            Ok(())
+        }
+        fn infer(&mut self, _: &Tensor, _: &[String]) -> Result<(Tensor, Vec<Tensor>)> {
+            bail!("not run")
+        }
+        fn train_step(&mut self, _: &Tensor, _: &[String], _: &mut rand_chacha::ChaCha8Rng, _: &mut LossFn<'_>) -> Result<Named> {
+            bail!("not run")
+        }
+    }
+
+    fn opts(freeze: &[&str], train_only: &[&str]) -> Options {
+        let mut o = Options::new(None, "s.onnx".into(), "d.npz".into(), "o.onnx".into());
+        o.freeze = freeze.iter().map(|s| s.to_string()).collect();
+        o.train_only = train_only.iter().map(|s| s.to_string()).collect();
+        o
+    }
+
+    #[test]
+    fn a_student_without_trainable_weights_is_refused() {
+        let e = select(&Weights(Named::new()), &opts(&[], &[])).unwrap_err();
+        let text = crate::hint::render(&e);
+        assert!(text.starts_with("error: the student has no trainable weights"), "{text}");
+        assert!(text.contains("hint: "), "{text}");
+    }
+
+    #[test]
+    fn freeze_and_train_only_narrow_the_selection() {
+        let names = ["a.weight", "a.bias", "b.weight"];
+        let net = Weights(names.iter().map(|n| (n.to_string(), Tensor::zeros(&[2]))).collect());
+        let got = |f: &[&str], t: &[&str]| select(&net, &opts(f, t)).map(|s| s.into_iter().collect::<Vec<_>>());
+        assert_eq!(got(&[], &[]).unwrap(), ["a.bias", "a.weight", "b.weight"]);
+        assert_eq!(got(&["a.bias"], &[]).unwrap(), ["a.weight", "b.weight"]);
+        assert_eq!(got(&["a.bias"], &["a.bias", "b.weight"]).unwrap(), ["b.weight"]);
+        let e = crate::hint::render(&got(&["b.weight"], &["b.weight"]).unwrap_err());
+        assert!(e.contains("leave no weight to train"), "{e}");
+        let e = crate::hint::render(&got(&["a.weigth"], &[]).unwrap_err());
+        assert!(e.contains("--freeze a.weigth") && e.contains("did you mean `a.weight`?"), "{e}");
+    }
 }
