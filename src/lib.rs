@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod commands;
 pub mod data;
+pub mod distill;
 pub mod engine;
 pub mod gate;
 pub mod hint;

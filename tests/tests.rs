@@ -3,5 +3,6 @@
 mod util;
 
 mod bench;
+mod distill;
 mod gate;
 mod quantize;

@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes its parsed flags and returns an [`ExitStatus`].
 
 pub mod bench;
+pub mod distill;
 pub mod gate;
 pub mod inspect;
 pub mod pipeline;
