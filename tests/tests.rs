@@ -3,5 +3,7 @@
 mod util;
 
 mod bench;
+mod distill;
 mod gate;
 mod hostile;
+mod quantize;

@@ -320,6 +320,41 @@ pub fn run(
     })
 }
 
+/// Top-1/top-5 of a model given as ONNX bytes, on labelled `data`.
+pub fn accuracy_of(
+    bytes: &[u8],
+    sample: [usize; 3],
+    data: &Path,
+    preprocess: &Preprocess,
+    rt: &RuntimeOptions,
+) -> Result<Accuracy> {
+    let m = Loaded {
+        spec: ModelSpec {
+            name: String::new(),
+            path: PathBuf::new(),
+        },
+        bytes: bytes.to_vec(),
+        sample,
+        size_bytes: 0,
+        weight_bytes: 0,
+        params: 0,
+    };
+    let opts = BenchOptions {
+        runtime: rt.clone(),
+        target: Target::Host,
+        batch_size: EVAL_BATCH,
+        warmup: 0,
+        iterations: 1,
+        duration: None,
+        data: Some(data.to_path_buf()),
+        preprocess: preprocess.clone(),
+        reference: None,
+        measure_rss: false,
+        seed: 0,
+    };
+    accuracy(&m, data, &opts, rt, &())
+}
+
 /// Batch size for accuracy passes: big enough to be quick, independent of the latency batch.
 const EVAL_BATCH: usize = 32;
 

@@ -163,3 +163,41 @@ pub fn rss_probe(args: &RssProbeArgs) -> Result<ExitStatus> {
     println!("{rss}");
     Ok(ExitStatus::Success)
 }
+
+/// Arguments of the hidden `__predict` command: raw outputs of a model on a dataset, for
+/// checking one build of shrink against another (e.g. aarch64 under emulation against x86).
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    pub model: PathBuf,
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value_t = BackendKind::Tract)]
+    pub backend: BackendKind,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Write the outputs (JSON: shape and values of the first output) here.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn predict(args: &PredictArgs) -> Result<ExitStatus> {
+    let model = crate::onnx::Model::load(&args.model)?;
+    let sample = crate::bench::measure::sample_shape(&model)?;
+    let bytes = prost::Message::encode_to_vec(&model.to_proto());
+    let ds = crate::data::Dataset::open(&args.data, &Preprocess::default(), sample)?;
+    let all = ds.load_all()?;
+    let rt = RuntimeOptions {
+        backend: args.backend,
+        threads: args.threads,
+        ..Default::default()
+    };
+    let mut s = crate::runtime::open(&bytes, &all.shape, &rt)?;
+    let out = s
+        .run(&all.x)?
+        .into_iter()
+        .next()
+        .context("the model has no outputs")?;
+    let json = serde_json::json!({ "model": args.model.display().to_string(), "shape": out.shape, "values": out.data });
+    crate::util::write_atomic(&args.out, json.to_string().as_bytes())?;
+    Ok(ExitStatus::Success)
+}

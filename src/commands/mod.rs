@@ -1,9 +1,11 @@
 //! One module per subcommand; each takes its parsed flags and returns an [`ExitStatus`].
 
 pub mod bench;
+pub mod distill;
 pub mod gate;
 pub mod inspect;
 pub mod pipeline;
+pub mod quantize;
 pub mod reporters;
 pub mod run;
 

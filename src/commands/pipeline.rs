@@ -5,9 +5,10 @@ use anyhow::{Context, Result};
 
 use super::bench::BenchArgs;
 use super::gate::GateArgs;
+use super::quantize::QuantizeArgs;
 use super::ExitStatus;
 use crate::gate::Budgets;
-use crate::recipe::schema::{BenchOptions, GateOptions};
+use crate::recipe::schema::{BenchOptions, GateOptions, QuantizeOptions};
 use crate::recipe::{Plan, PlannedStage, Recipe, StageExecutor, StageOptions, StageResult};
 
 #[derive(Default)]
@@ -58,6 +59,53 @@ fn bench_args(b: &BenchOptions) -> BenchArgs {
     }
 }
 
+fn quantize_args(q: &QuantizeOptions) -> Result<QuantizeArgs> {
+    use crate::recipe::schema::{ActivationType as A, Precision, QuantFormat, QuantTarget as T};
+    let c = q
+        .calibration
+        .as_ref()
+        .context("the quantize stage needs `calibration: { data: ... }`")?;
+    anyhow::ensure!(
+        q.format == QuantFormat::Qdq,
+        "format `qoperator` is not available in this build of shrink; use `qdq`"
+    );
+    anyhow::ensure!(
+        q.precision == Precision::Int8,
+        "precision `fp16` is not available in this build of shrink; use `int8`"
+    );
+    Ok(QuantizeArgs {
+        model: q.model.path.clone(),
+        calib: c.data.dataset.path.clone(),
+        out: q.out.path.clone(),
+        method: c.method.name().parse()?,
+        percentile: c.percentile,
+        per_tensor: q.per_tensor,
+        activation_type: match q.activation_type {
+            A::U8 => super::quantize::ActivationType::U8,
+            A::I8 => super::quantize::ActivationType::I8,
+        },
+        target: match q.target {
+            T::Ort => crate::quant::qdq::QuantTarget::Ort,
+            T::Tract => crate::quant::qdq::QuantTarget::Tract,
+            T::Tensorrt => crate::quant::qdq::QuantTarget::Tensorrt,
+        },
+        calib_samples: c.samples,
+        exclude: q.exclude.clone(),
+        exclude_op: q.exclude_op.clone(),
+        no_bias_correction: !q.bias_correction,
+        equalize: q.equalize,
+        eval: q.eval.as_ref().map(|e| e.dataset.path.clone()),
+        max_accuracy_drop: q.max_accuracy_drop,
+        report: q.report.as_ref().map(|r| r.path.clone()),
+        save_prepared: None,
+        preprocess: c.data.dataset.preprocess.clone(),
+        calib_backend: crate::runtime::BackendKind::Tract,
+        threads: None,
+        seed: q.seed,
+        ort_lib: None,
+    })
+}
+
 impl StageExecutor for ShrinkExecutor {
     fn check(&mut self, recipe: &Recipe, plan: &Plan) -> Result<()> {
         for st in &plan.stages {
@@ -74,6 +122,10 @@ impl StageExecutor for ShrinkExecutor {
             StageOptions::Bench(b) => {
                 let report = super::bench::run_bench(&bench_args(b))?;
                 print!("{}", crate::bench::render::markdown(&report));
+                Ok(StageResult::done(vec![]))
+            }
+            StageOptions::Quantize(q) => {
+                super::quantize::run_quantize(&quantize_args(q)?)?;
                 Ok(StageResult::done(vec![]))
             }
             StageOptions::Gate(g) => {

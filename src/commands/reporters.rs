@@ -82,3 +82,18 @@ impl crate::bench::measure::Progress for BarReporter {
         self.done()
     }
 }
+
+impl crate::distill::train::Progress for BarReporter {
+    fn phase(&self, label: &str, total: u64) {
+        self.start(label, total)
+    }
+    fn advance(&self, samples: u64) {
+        BarReporter::advance(self, samples)
+    }
+    fn status(&self, loss: f64, acc: f64, samples_per_s: f64) {
+        self.message(format!("loss {loss:.4}  acc {:.1}%  {samples_per_s:.0} samples/s", acc * 100.0))
+    }
+    fn finish(&self) {
+        self.done()
+    }
+}

@@ -309,3 +309,77 @@ impl Iterator for Batches<'_> {
         self.next_batch().transpose()
     }
 }
+
+impl Dataset {
+    /// `n` distinct sample indices drawn with `seed` (all of them, in order, when `n >= len`).
+    pub fn sample_indices(&self, n: usize, seed: u64) -> Vec<usize> {
+        use rand::seq::index::sample;
+        use rand::SeedableRng;
+        if n >= self.len {
+            return (0..self.len).collect();
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut v = sample(&mut rng, self.len, n).into_vec();
+        v.sort_unstable();
+        v
+    }
+
+    /// Streams only the samples at `indices` (ascending), in batches of `batch`; memory stays
+    /// one read batch plus one output batch whatever the dataset's size.
+    pub fn for_each_subset_batch(
+        &self,
+        indices: &[usize],
+        batch: usize,
+        mut f: impl FnMut(Batch) -> Result<()>,
+    ) -> Result<()> {
+        ensure!(batch > 0, "batch size must be at least 1");
+        ensure!(
+            indices.windows(2).all(|w| w[0] < w[1]),
+            "subset indices must be ascending"
+        );
+        let [c, h, w] = self.sample;
+        let per = c * h * w;
+        let mut want = indices.iter().copied().peekable();
+        let (mut x, mut y) = (Vec::with_capacity(batch * per), Vec::with_capacity(batch));
+        let mut labelled = true;
+        let mut base = 0usize;
+        let mut it = self.batches(256.min(self.len).max(1))?;
+        while let Some(b) = it.next_batch()? {
+            let n = b.shape[0];
+            while let Some(&i) = want.peek() {
+                if i >= base + n {
+                    break;
+                }
+                let k = i - base;
+                x.extend_from_slice(&b.x[k * per..(k + 1) * per]);
+                match &b.y {
+                    Some(l) => y.push(l[k]),
+                    None => labelled = false,
+                }
+                want.next();
+                if x.len() == batch * per {
+                    let got = x.len() / per;
+                    f(Batch {
+                        x: std::mem::take(&mut x),
+                        shape: [got, c, h, w],
+                        y: labelled.then(|| std::mem::take(&mut y)),
+                    })?;
+                    y.clear();
+                }
+            }
+            base += n;
+            if want.peek().is_none() {
+                break;
+            }
+        }
+        if !x.is_empty() {
+            let got = x.len() / per;
+            f(Batch {
+                x,
+                shape: [got, c, h, w],
+                y: labelled.then_some(y),
+            })?;
+        }
+        Ok(())
+    }
+}

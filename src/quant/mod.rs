@@ -17,3 +17,6 @@ pub use arith::{
 };
 pub use calib::{Histogram, Method, RangeOptions, Selection, Target, TensorStats};
 pub use equalize::{bias_correction, equalize, ChannelMeans, Weight};
+
+pub mod prepare;
+pub mod qdq;

@@ -1,0 +1,758 @@
+//! 2-D convolution (groups, stride, padding, dilation): im2col + GEMM in general, direct
+//! loops for depthwise (one input channel per group). Transposed convolution reuses the
+//! same three kernels with the roles of input and output swapped.
+
+use super::{for_each_group, group_len, threads, valid_range};
+use crate::engine::linalg::{matmul, Mat, Par};
+use rayon::prelude::*;
+
+/// Resolved geometry of one convolution over NCHW data (a 1-D convolution is `h = kh = 1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    /// Top and left padding; bottom and right padding only enter `oh` and `ow`.
+    pub pt: usize,
+    pub pl: usize,
+    pub groups: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    pub fn cig(&self) -> usize {
+        self.c_in / self.groups
+    }
+    pub fn cog(&self) -> usize {
+        self.c_out / self.groups
+    }
+    /// Rows of the im2col matrix of one group: input channels x kernel taps.
+    pub fn kdim(&self) -> usize {
+        self.cig() * self.kh * self.kw
+    }
+    pub fn in_plane(&self) -> usize {
+        self.h * self.w
+    }
+    pub fn out_plane(&self) -> usize {
+        self.oh * self.ow
+    }
+    pub fn input_len(&self) -> usize {
+        self.n * self.c_in * self.in_plane()
+    }
+    pub fn output_len(&self) -> usize {
+        self.n * self.c_out * self.out_plane()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.c_out * self.kdim()
+    }
+    /// A 1x1, stride-1, unpadded convolution reads its input as the im2col matrix directly.
+    pub fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.sh == 1
+            && self.sw == 1
+            && self.pt == 0
+            && self.pl == 0
+            && self.oh == self.h
+            && self.ow == self.w
+    }
+    /// One input channel per group: the direct kernels beat im2col here.
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.cig() == 1
+    }
+    fn flops_per_image(&self) -> usize {
+        self.c_out * self.kdim() * self.out_plane()
+    }
+}
+
+/// Copies the receptive fields of `cig` input planes into `col` (`kdim x oh*ow`), zeros
+/// where the window reads padding.
+fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
+    let (ow, ohw) = (g.ow, g.out_plane());
+    for c in 0..g.cig() {
+        let plane = &x[c * g.in_plane()..(c + 1) * g.in_plane()];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                let offx = (kx * g.dw) as isize - g.pl as isize;
+                let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
+                for oy in 0..g.oh {
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..][..g.w];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if g.sw == 1 && lo < hi {
+                        let s = (lo as isize + offx) as usize;
+                        dst[lo..hi].copy_from_slice(&src[s..s + (hi - lo)]);
+                    } else {
+                        for ox in lo..hi {
+                            dst[ox] = src[(ox as isize * g.sw as isize + offx) as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds `col` (`kdim x oh*ow`) back onto the `cig` input planes it was read from.
+fn col2im(g: &ConvGeom, col: &[f32], x: &mut [f32]) {
+    let (ow, ohw) = (g.ow, g.out_plane());
+    for c in 0..g.cig() {
+        let plane = &mut x[c * g.in_plane()..(c + 1) * g.in_plane()];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                let offx = (kx * g.dw) as isize - g.pl as isize;
+                let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
+                for oy in 0..g.oh {
+                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let src = &row[oy * ow..(oy + 1) * ow];
+                    let dst = &mut plane[iy as usize * g.w..][..g.w];
+                    if g.sw == 1 && lo < hi {
+                        let s = (lo as isize + offx) as usize;
+                        for (d, v) in dst[s..s + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                            *d += v;
+                        }
+                    } else {
+                        for ox in lo..hi {
+                            dst[(ox as isize * g.sw as isize + offx) as usize] += src[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv(x, w) + b`; `y` is overwritten.
+pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
+    debug_assert!(
+        x.len() == g.input_len() && w.len() == g.weight_len() && y.len() == g.output_len()
+    );
+    if g.is_depthwise() {
+        return depthwise_forward(g, x, w, b, y);
+    }
+    let (kdim, ohw, cog, cig) = (g.kdim(), g.out_plane(), g.cog(), g.cig());
+    let per_image_out = g.c_out * ohw;
+    let group = group_len(g.n, g.flops_per_image());
+    // Few images: let GEMM split the work instead of the images.
+    let par = if group >= g.n && g.n < threads() {
+        Par::Pool
+    } else {
+        Par::Seq
+    };
+    for_each_group(y, per_image_out, group, |first, ys| {
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![0.0; kdim * ohw]
+        };
+        for (i, yimg) in ys.chunks_mut(per_image_out).enumerate() {
+            let ximg = &x[(first + i) * g.c_in * g.in_plane()..][..g.c_in * g.in_plane()];
+            for gi in 0..g.groups {
+                let xg = &ximg[gi * cig * g.in_plane()..][..cig * g.in_plane()];
+                let rhs = if g.is_pointwise() {
+                    xg
+                } else {
+                    im2col(g, xg, &mut col);
+                    &col
+                };
+                let yg = &mut yimg[gi * cog * ohw..][..cog * ohw];
+                if let Some(b) = b {
+                    for (o, row) in yg.chunks_mut(ohw).enumerate() {
+                        row.fill(b[gi * cog + o]);
+                    }
+                }
+                let wg = &w[gi * cog * kdim..][..cog * kdim];
+                matmul(
+                    cog,
+                    ohw,
+                    kdim,
+                    yg,
+                    ohw,
+                    Mat::rows(wg, kdim),
+                    Mat::rows(rhs, ohw),
+                    1.0,
+                    b.is_some(),
+                    par,
+                );
+            }
+        }
+    });
+}
+
+/// `dx = conv^T(dy, w)`, the gradient with respect to the input; `dx` is overwritten.
+pub fn backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    debug_assert!(
+        dx.len() == g.input_len() && w.len() == g.weight_len() && dy.len() == g.output_len()
+    );
+    if g.is_depthwise() {
+        return depthwise_backward_data(g, dy, w, dx);
+    }
+    let (kdim, ohw, cog, cig) = (g.kdim(), g.out_plane(), g.cog(), g.cig());
+    let per_image_in = g.c_in * g.in_plane();
+    let group = group_len(g.n, g.flops_per_image());
+    let par = if group >= g.n && g.n < threads() {
+        Par::Pool
+    } else {
+        Par::Seq
+    };
+    for_each_group(dx, per_image_in, group, |first, dxs| {
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![0.0; kdim * ohw]
+        };
+        for (i, dximg) in dxs.chunks_mut(per_image_in).enumerate() {
+            let dyimg = &dy[(first + i) * g.c_out * ohw..][..g.c_out * ohw];
+            for gi in 0..g.groups {
+                let dyg = &dyimg[gi * cog * ohw..][..cog * ohw];
+                let wg = &w[gi * cog * kdim..][..cog * kdim];
+                let dxg = &mut dximg[gi * cig * g.in_plane()..][..cig * g.in_plane()];
+                if g.is_pointwise() {
+                    matmul(
+                        kdim,
+                        ohw,
+                        cog,
+                        dxg,
+                        ohw,
+                        Mat::rows_t(wg, kdim),
+                        Mat::rows(dyg, ohw),
+                        1.0,
+                        false,
+                        par,
+                    );
+                } else {
+                    matmul(
+                        kdim,
+                        ohw,
+                        cog,
+                        &mut col,
+                        ohw,
+                        Mat::rows_t(wg, kdim),
+                        Mat::rows(dyg, ohw),
+                        1.0,
+                        false,
+                        par,
+                    );
+                    dxg.fill(0.0);
+                    col2im(g, &col, dxg);
+                }
+            }
+        }
+    });
+}
+
+/// `dw = sum over images of dy x im2col(x)^T`; `dw` is overwritten. Images are split into
+/// the same groups for every call with the same sizes and thread count, and the partial
+/// sums are added in group order, so the result is reproducible.
+pub fn backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    debug_assert!(
+        x.len() == g.input_len() && dw.len() == g.weight_len() && dy.len() == g.output_len()
+    );
+    if g.is_depthwise() {
+        return depthwise_backward_weight(g, x, dy, dw);
+    }
+    let group = group_len(g.n, g.flops_per_image());
+    let n_groups = g.n.div_ceil(group);
+    let par = if n_groups == 1 && g.n < threads() {
+        Par::Pool
+    } else {
+        Par::Seq
+    };
+    let partial = |first: usize, out: &mut [f32]| {
+        let (kdim, ohw, cog, cig) = (g.kdim(), g.out_plane(), g.cog(), g.cig());
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![0.0; kdim * ohw]
+        };
+        for img in first..(first + group).min(g.n) {
+            let ximg = &x[img * g.c_in * g.in_plane()..][..g.c_in * g.in_plane()];
+            let dyimg = &dy[img * g.c_out * ohw..][..g.c_out * ohw];
+            for gi in 0..g.groups {
+                let xg = &ximg[gi * cig * g.in_plane()..][..cig * g.in_plane()];
+                let rhs = if g.is_pointwise() {
+                    xg
+                } else {
+                    im2col(g, xg, &mut col);
+                    &col
+                };
+                let dyg = &dyimg[gi * cog * ohw..][..cog * ohw];
+                let dwg = &mut out[gi * cog * kdim..][..cog * kdim];
+                matmul(
+                    cog,
+                    kdim,
+                    ohw,
+                    dwg,
+                    kdim,
+                    Mat::rows(dyg, ohw),
+                    Mat::rows_t(rhs, ohw),
+                    1.0,
+                    img != first,
+                    par,
+                );
+            }
+        }
+    };
+    if n_groups == 1 {
+        return partial(0, dw);
+    }
+    let mut parts = vec![0.0f32; n_groups * dw.len()];
+    parts
+        .par_chunks_mut(dw.len())
+        .enumerate()
+        .for_each(|(i, p)| partial(i * group, p));
+    dw.copy_from_slice(&parts[..dw.len()]);
+    for p in parts.chunks(dw.len()).skip(1) {
+        for (d, v) in dw.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+}
+
+/// Per-channel sums of an NCHW tensor (a bias gradient); `out` is overwritten.
+pub fn channel_sums(x: &[f32], n: usize, c: usize, plane: usize, out: &mut [f32]) {
+    out.par_iter_mut()
+        .enumerate()
+        .with_min_len(c.div_ceil(threads()).max(1))
+        .for_each(|(ch, o)| {
+            let s: f64 = (0..n)
+                .map(|i| super::sum_f64(&x[(i * c + ch) * plane..][..plane]))
+                .sum();
+            *o = s as f32;
+        });
+}
+
+fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
+    let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
+    let planes = g.n * g.c_out;
+    let group = group_len(planes, ohw * taps);
+    for_each_group(y, ohw, group, |first, ys| {
+        for (i, yp) in ys.chunks_mut(ohw).enumerate() {
+            let p = first + i;
+            let (img, oc) = (p / g.c_out, p % g.c_out);
+            let ic = oc / cog;
+            let xp = &x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()];
+            let wk = &w[oc * taps..][..taps];
+            yp.fill(b.map_or(0.0, |b| b[oc]));
+            for oy in 0..g.oh {
+                let yrow = &mut yp[oy * g.ow..(oy + 1) * g.ow];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let xrow = &xp[iy as usize * g.w..][..g.w];
+                    for kx in 0..g.kw {
+                        let wv = wk[ky * g.kw + kx];
+                        let off = (kx * g.dw) as isize - g.pl as isize;
+                        let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
+                        if g.sw == 1 && lo < hi {
+                            let s = (lo as isize + off) as usize;
+                            for (o, v) in yrow[lo..hi].iter_mut().zip(&xrow[s..s + (hi - lo)]) {
+                                *o += wv * v;
+                            }
+                        } else {
+                            for ox in lo..hi {
+                                yrow[ox] += wv * xrow[(ox as isize * g.sw as isize + off) as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn depthwise_backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
+    let planes = g.n * g.c_in;
+    let group = group_len(planes, ohw * taps * cog);
+    for_each_group(dx, g.in_plane(), group, |first, dxs| {
+        for (i, dxp) in dxs.chunks_mut(g.in_plane()).enumerate() {
+            let p = first + i;
+            let (img, ic) = (p / g.c_in, p % g.c_in);
+            dxp.fill(0.0);
+            for oc in ic * cog..(ic + 1) * cog {
+                let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
+                let wk = &w[oc * taps..][..taps];
+                for oy in 0..g.oh {
+                    let dyrow = &dyp[oy * g.ow..(oy + 1) * g.ow];
+                    for ky in 0..g.kh {
+                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let dxrow = &mut dxp[iy as usize * g.w..][..g.w];
+                        for kx in 0..g.kw {
+                            let wv = wk[ky * g.kw + kx];
+                            let off = (kx * g.dw) as isize - g.pl as isize;
+                            let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
+                            if g.sw == 1 && lo < hi {
+                                let s = (lo as isize + off) as usize;
+                                for (d, v) in dxrow[s..s + (hi - lo)].iter_mut().zip(&dyrow[lo..hi])
+                                {
+                                    *d += wv * v;
+                                }
+                            } else {
+                                for ox in lo..hi {
+                                    dxrow[(ox as isize * g.sw as isize + off) as usize] +=
+                                        wv * dyrow[ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
+    let group = group_len(g.c_out, g.n * ohw * taps);
+    // One output channel's taps depend on that channel's planes only: no cross-task sums.
+    for_each_group(dw, taps, group, |first, dws| {
+        let mut acc = vec![0f64; taps];
+        for (i, wk) in dws.chunks_mut(taps).enumerate() {
+            let oc = first + i;
+            let ic = oc / cog;
+            acc.fill(0.0);
+            for img in 0..g.n {
+                let xp = &x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()];
+                let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
+                for oy in 0..g.oh {
+                    let dyrow = &dyp[oy * g.ow..(oy + 1) * g.ow];
+                    for ky in 0..g.kh {
+                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let xrow = &xp[iy as usize * g.w..][..g.w];
+                        for kx in 0..g.kw {
+                            let off = (kx * g.dw) as isize - g.pl as isize;
+                            let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
+                            let mut s = 0f32;
+                            if g.sw == 1 && lo < hi {
+                                let st = (lo as isize + off) as usize;
+                                s = dot32(&dyrow[lo..hi], &xrow[st..st + (hi - lo)]);
+                            } else {
+                                for ox in lo..hi {
+                                    s += dyrow[ox]
+                                        * xrow[(ox as isize * g.sw as isize + off) as usize];
+                                }
+                            }
+                            acc[ky * g.kw + kx] += s as f64;
+                        }
+                    }
+                }
+            }
+            for (d, a) in wk.iter_mut().zip(&acc) {
+                *d = *a as f32;
+            }
+        }
+    });
+}
+
+/// Short dot product with eight f32 lanes (rows are at most a few hundred long).
+#[inline]
+fn dot32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ia = a.chunks_exact(8);
+    let mut ib = b.chunks_exact(8);
+    for (x, y) in (&mut ia).zip(&mut ib) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = ia
+        .remainder()
+        .iter()
+        .zip(ib.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::engine::testutil::*;
+    use proptest::prelude::*;
+
+    /// Direct-loop convolution in f64, the reference for every path above.
+    pub fn naive_forward(g: &ConvGeom, x: &[f64], w: &[f64], b: Option<&[f64]>) -> Vec<f64> {
+        let mut y = vec![0.0; g.output_len()];
+        let (cig, cog) = (g.cig(), g.cog());
+        for n in 0..g.n {
+            for oc in 0..g.c_out {
+                let gi = oc / cog;
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let mut s = b.map_or(0.0, |b| b[oc]);
+                        for c in 0..cig {
+                            let ic = gi * cig + c;
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                                    let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < g.h
+                                        && (ix as usize) < g.w
+                                    {
+                                        s += x[((n * g.c_in + ic) * g.h + iy as usize) * g.w
+                                            + ix as usize]
+                                            * w[((oc * cig + c) * g.kh + ky) * g.kw + kx];
+                                    }
+                                }
+                            }
+                        }
+                        y[((n * g.c_out + oc) * g.oh + oy) * g.ow + ox] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Gradients of `sum(dy * conv(x, w))` by the same loops, transposed.
+    pub fn naive_backward(g: &ConvGeom, x: &[f64], w: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let mut dx = vec![0.0; g.input_len()];
+        let mut dw = vec![0.0; g.weight_len()];
+        let (cig, cog) = (g.cig(), g.cog());
+        for n in 0..g.n {
+            for oc in 0..g.c_out {
+                let gi = oc / cog;
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let d = dy[((n * g.c_out + oc) * g.oh + oy) * g.ow + ox];
+                        for c in 0..cig {
+                            let ic = gi * cig + c;
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
+                                    let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < g.h
+                                        && (ix as usize) < g.w
+                                    {
+                                        let xi = ((n * g.c_in + ic) * g.h + iy as usize) * g.w
+                                            + ix as usize;
+                                        let wi = ((oc * cig + c) * g.kh + ky) * g.kw + kx;
+                                        dx[xi] += d * w[wi];
+                                        dw[wi] += d * x[xi];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (dx, dw)
+    }
+
+    pub fn geom_strategy() -> impl Strategy<Value = ConvGeom> {
+        (
+            (
+                1usize..4,
+                1usize..4,
+                1usize..4,
+                1usize..4,
+                1usize..8,
+                1usize..8,
+            ),
+            (1usize..3, 1usize..3, 1usize..3, 1usize..3),
+            (
+                0usize..3,
+                0usize..3,
+                0usize..3,
+                0usize..3,
+                1usize..4,
+                1usize..4,
+            ),
+        )
+            .prop_filter_map(
+                "kernel larger than padded input",
+                |((n, groups, cig, cog, h, w), (sh, sw, dh, dw), (pt, pl, pb, pr, kh, kw))| {
+                    let (eh, ew) = ((kh - 1) * dh + 1, (kw - 1) * dw + 1);
+                    if h + pt + pb < eh || w + pl + pr < ew {
+                        return None;
+                    }
+                    let (oh, ow) = ((h + pt + pb - eh) / sh + 1, (w + pl + pr - ew) / sw + 1);
+                    Some(ConvGeom {
+                        n,
+                        c_in: groups * cig,
+                        h,
+                        w,
+                        c_out: groups * cog,
+                        kh,
+                        kw,
+                        sh,
+                        sw,
+                        dh,
+                        dw,
+                        pt,
+                        pl,
+                        groups,
+                        oh,
+                        ow,
+                    })
+                },
+            )
+    }
+
+    fn check(g: &ConvGeom, seed: u64) {
+        let mut r = rng(seed);
+        let x = rand_vec(&mut r, g.input_len());
+        let w = rand_vec(&mut r, g.weight_len());
+        let b = rand_vec(&mut r, g.c_out);
+        let dy = rand_vec(&mut r, g.output_len());
+        let mut y = vec![f32::NAN; g.output_len()];
+        forward(g, &x, &w, Some(&b), &mut y);
+        assert_close(
+            &y,
+            &naive_forward(g, &f64s(&x), &f64s(&w), Some(&f64s(&b))),
+            1e-5,
+            1e-5,
+            "conv forward",
+        );
+        let (want_dx, want_dw) = naive_backward(g, &f64s(&x), &f64s(&w), &f64s(&dy));
+        let mut dx = vec![f32::NAN; g.input_len()];
+        backward_data(g, &dy, &w, &mut dx);
+        assert_close(&dx, &want_dx, 1e-5, 1e-5, "conv dx");
+        let mut dw = vec![f32::NAN; g.weight_len()];
+        backward_weight(g, &x, &dy, &mut dw);
+        assert_close(&dw, &want_dw, 1e-4, 1e-5, "conv dw");
+        let mut db = vec![f32::NAN; g.c_out];
+        channel_sums(&dy, g.n, g.c_out, g.out_plane(), &mut db);
+        let want_db: Vec<f64> = (0..g.c_out)
+            .map(|c| {
+                (0..g.n)
+                    .flat_map(|n| dy[(n * g.c_out + c) * g.out_plane()..][..g.out_plane()].iter())
+                    .map(|&v| v as f64)
+                    .sum()
+            })
+            .collect();
+        assert_close(&db, &want_db, 1e-5, 1e-5, "conv db");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn matches_naive(g in geom_strategy(), seed in any::<u64>()) {
+            check(&g, seed);
+        }
+    }
+
+    #[test]
+    fn larger_cases_use_every_path() {
+        let base = ConvGeom {
+            n: 5,
+            c_in: 6,
+            h: 9,
+            w: 11,
+            c_out: 6,
+            kh: 3,
+            kw: 3,
+            sh: 1,
+            sw: 1,
+            dh: 1,
+            dw: 1,
+            pt: 1,
+            pl: 1,
+            groups: 1,
+            oh: 9,
+            ow: 11,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for (groups, sh, dh) in [(1, 1, 1), (6, 1, 1), (6, 2, 1), (3, 2, 2), (2, 1, 2)] {
+            let eff = 2 * dh + 1;
+            let oh = (9 + 2 - eff) / sh + 1;
+            let ow = (11 + 2 - eff) / sh + 1;
+            let g = ConvGeom {
+                groups,
+                sh,
+                sw: sh,
+                dh,
+                dw: dh,
+                oh,
+                ow,
+                n: 40,
+                ..base.clone()
+            };
+            pool.install(|| check(&g, 7));
+            check(&g, 8);
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let g = ConvGeom {
+            n: 2,
+            c_in: 4,
+            h: 5,
+            w: 4,
+            c_out: 4,
+            kh: 3,
+            kw: 2,
+            sh: 2,
+            sw: 1,
+            dh: 1,
+            dw: 2,
+            pt: 1,
+            pl: 1,
+            groups: 2,
+            oh: 3,
+            ow: 3,
+        };
+        for g in [
+            g.clone(),
+            ConvGeom {
+                groups: 4,
+                c_out: 8,
+                ..g
+            },
+        ] {
+            let mut r = rng(3);
+            let x = rand_vec(&mut r, g.input_len());
+            let w = rand_vec(&mut r, g.weight_len());
+            let dy = rand_vec(&mut r, g.output_len());
+            let mut dx = vec![0.0; g.input_len()];
+            backward_data(&g, &dy, &w, &mut dx);
+            let fd = numeric_grad(|xv| naive_forward(&g, xv, &f64s(&w), None), &x, &dy);
+            assert_close(&dx, &fd, 1e-4, 1e-4, "conv dx vs finite differences");
+            let mut dw = vec![0.0; g.weight_len()];
+            backward_weight(&g, &x, &dy, &mut dw);
+            let fd = numeric_grad(|wv| naive_forward(&g, &f64s(&x), wv, None), &w, &dy);
+            assert_close(&dw, &fd, 1e-4, 1e-4, "conv dw vs finite differences");
+        }
+    }
+}
