@@ -5,6 +5,7 @@ mod util;
 mod bench;
 mod distill;
 mod durability;
+mod faults;
 mod gate;
 mod hostile;
 mod quantize;
