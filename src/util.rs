@@ -55,6 +55,12 @@ pub fn write_atomic_with(
             path.display()
         )
     })?;
+    // The rename lives in the folder: sync it too, so that after a power cut the name
+    // points at the new file (best effort; not every file system can sync a folder).
+    #[cfg(unix)]
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
 }
 
