@@ -221,6 +221,30 @@ fn idx_labels(n: u32, data: &[u8]) -> Vec<u8> {
     b
 }
 
+/// A PNG header declaring `w`x`h` RGB pixels (10.8 GB at 60000x60000) over a few bytes of
+/// data: a decompression bomb.
+fn png_bomb(w: u32, h: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    }
+    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(&mut b, b"IHDR", &ihdr);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&[0u8; 4096]).unwrap();
+    chunk(&mut b, b"IDAT", &z.finish().unwrap());
+    chunk(&mut b, b"IEND", &[]);
+    b
+}
+
 /// Every file of the corpus, by path relative to `tests/hostile/`.
 fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
     let mut c: BTreeMap<&'static str, Vec<u8>> = BTreeMap::new();
@@ -537,6 +561,7 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
     );
     c.insert("idx_label_claim/labels-idx1-ubyte", idx_labels(2, &[1]));
     c.insert("images_corrupt/0/a.png", b"\x89PNG\r\n\x1a\n garbage".to_vec());
+    c.insert("images_bomb/0/a.png", png_bomb(60_000, 60_000));
 
     // Recipes. Each fails validation: nothing may be written.
     let recipe = |body: &str| -> Vec<u8> {
@@ -857,4 +882,22 @@ fn hostile_recipe_output_through_symlink() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("symbolic link"), "{}", out.stderr);
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+#[test]
+fn hostile_resize_flag_beyond_memory() {
+    let d = Dir::new();
+    let student = repo().join("fixtures/student.onnx").display().to_string();
+    let images = repo().join("fixtures/digits_png").display().to_string();
+    let out = d.run(&[
+        "bench", &student, "--data", &images, "--resize", "1000000", "--limit", "1",
+        "--no-memory", "--iterations", "1", "--warmup", "0",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--resize 1000000 (a 1000000x1000000 image) declares"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("of memory available"), "{}", out.stderr);
 }

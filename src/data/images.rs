@@ -125,12 +125,16 @@ fn resize_and_crop(
     let img = match pre.resize {
         Some(short) => {
             let (iw, ih) = (img.width(), img.height());
-            let scale = short as f32 / iw.min(ih) as f32;
-            img.resize_exact(
+            let scale = short as f32 / iw.min(ih).max(1) as f32;
+            let (nw, nh) = (
                 ((iw as f32 * scale).round() as u32).max(cw),
                 ((ih as f32 * scale).round() as u32).max(ch),
-                FilterType::Triangle,
-            )
+            );
+            // Resizing works in 4-channel float32: 16 bytes a pixel.
+            crate::util::ensure_fits_in_memory(Some(nw as u64 * nh as u64 * 16), || {
+                format!("--resize {short} (a {nw}x{nh} image)")
+            })?;
+            img.resize_exact(nw, nh, FilterType::Triangle)
         }
         None if img.width() < cw || img.height() < ch => img.resize_exact(
             cw.max(img.width()),
