@@ -6,3 +6,4 @@ mod bench;
 mod distill;
 mod gate;
 mod quantize;
+mod recipes;

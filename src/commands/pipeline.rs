@@ -124,6 +124,14 @@ impl StageExecutor for ShrinkExecutor {
                 print!("{}", crate::bench::render::markdown(&report));
                 Ok(StageResult::done(vec![]))
             }
+            StageOptions::Distill(o) => {
+                super::distill::run_with(&super::distill::distill_options(o), &[], None)?;
+                Ok(StageResult::done(vec![]))
+            }
+            StageOptions::Train(o) => {
+                super::distill::run_with(&super::distill::train_options(o), &[], None)?;
+                Ok(StageResult::done(vec![]))
+            }
             StageOptions::Quantize(q) => {
                 super::quantize::run_quantize(&quantize_args(q)?)?;
                 Ok(StageResult::done(vec![]))
@@ -146,11 +154,6 @@ impl StageExecutor for ShrinkExecutor {
                 let status = super::gate::gate_with_budgets(&args, &budgets_of(g)?)?;
                 Ok(StageResult::gate(status == ExitStatus::Success))
             }
-            other => Err(anyhow::anyhow!(
-                "the `{}` stage is not available in this build of shrink",
-                other.kind().name()
-            ))
-            .context(format!("cannot run stage {}", stage.kind.name())),
         }
     }
 }
