@@ -20,3 +20,6 @@ pub use equalize::{bias_correction, equalize, ChannelMeans, Weight};
 
 pub mod prepare;
 pub mod qdq;
+
+#[cfg(test)]
+mod testutil;
