@@ -11,7 +11,7 @@ use super::prepare::prepare;
 use super::qdq::{quantize, QuantOptions, Runner};
 use crate::data::{Dataset, Preprocess};
 use crate::onnx::ir::{Graph, Model, Node, ValueInfo};
-use crate::onnx::proto::{attribute_proto::AttributeType, AttributeProto, ModelProto};
+use crate::onnx::proto::ModelProto;
 use crate::onnx::{Dim, Tensor};
 use crate::runtime::{self, BackendKind, RuntimeOptions};
 
@@ -37,15 +37,6 @@ pub fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
         inputs: inputs.iter().map(|s| s.to_string()).collect(),
         outputs: outputs.iter().map(|s| s.to_string()).collect(),
         attributes: vec![],
-    }
-}
-
-pub fn floats_attr(name: &str, v: Vec<f32>) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Floats as i32,
-        floats: v,
-        ..Default::default()
     }
 }
 
@@ -153,11 +144,7 @@ pub fn digits(file: &str, n: usize) -> (Vec<usize>, Vec<f32>, Vec<i64>) {
     let b = ds.load_all().unwrap();
     let n = n.min(b.len());
     let y = b.y.unwrap();
-    (
-        vec![n, 1, 28, 28],
-        b.x[..n * 784].to_vec(),
-        y[..n].to_vec(),
-    )
+    (vec![n, 1, 28, 28], b.x[..n * 784].to_vec(), y[..n].to_vec())
 }
 
 /// The prepared float teacher and its QDQ model, calibrated on 300 training digits as
@@ -211,4 +198,23 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Runs `scripts/check_onnx.py` (onnx.checker, full check) on `paths`; panics with its output
+/// when a model is refused or Python cannot run it.
+pub fn onnx_check(paths: &[PathBuf]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/check_onnx.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args(paths)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run python3 ({e}); install Python 3 with `pip install onnx==1.23.2`")
+        });
+    assert!(
+        out.status.success(),
+        "onnx.checker refused a model (or `onnx` is missing: pip install onnx==1.23.2):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
