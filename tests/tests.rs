@@ -5,5 +5,6 @@ mod util;
 mod bench;
 mod distill;
 mod gate;
+mod hostile;
 mod quantize;
 mod recipes;

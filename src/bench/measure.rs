@@ -116,7 +116,19 @@ pub fn sample_shape(model: &Model) -> Result<[usize; 3]> {
         "input `{}` has shape {s:?}; shrink expects an NCHW image input",
         g.inputs[0].name
     );
+    input_len(&[1, s[1], s[2], s[3]])
+        .with_context(|| format!("input `{}` of shape {s:?}", g.inputs[0].name))?;
     Ok([s[1], s[2], s[3]])
+}
+
+/// Elements of an input batch of `shape`, refused before allocating when the model declares
+/// more than fits in memory.
+fn input_len(shape: &[usize; 4]) -> Result<usize> {
+    let bytes = crate::util::byte_size(shape.iter().map(|&d| d as u64), 4);
+    crate::util::ensure_fits_in_memory(bytes, || {
+        format!("an input batch of shape {shape:?} (float32)")
+    })?;
+    Ok(shape.iter().product())
 }
 
 fn effective_runtime(opts: &BenchOptions) -> Result<RuntimeOptions> {
@@ -172,6 +184,7 @@ pub fn run(
     let mut inputs = Vec::new();
     for (i, m) in loaded.iter().enumerate() {
         let shape = [opts.batch_size, m.sample[0], m.sample[1], m.sample[2]];
+        let len = input_len(&shape)?;
         let mut session = None;
         let t = time_ms(|| {
             session = Some(runtime::open(&m.bytes, &shape, &rt).with_context(|| {
@@ -180,7 +193,7 @@ pub fn run(
             Ok(())
         })?;
         let mut s = session.expect("set above");
-        let x = synthetic_input(shape.iter().product(), opts.seed + i as u64);
+        let x = synthetic_input(len, opts.seed + i as u64);
         cold_ms.push(time_ms(|| s.run(&x).map(|_| ()))?);
         create_ms.push(t);
         sessions.push(s);
@@ -354,14 +367,14 @@ fn for_each_output(
     mut f: impl FnMut(&[f32], usize, Option<&[i64]>) -> Result<()>,
 ) -> Result<u64> {
     let ds = Dataset::open(data, &opts.preprocess, m.sample)?;
-    let per: usize = m.sample.iter().product();
     let shape = [EVAL_BATCH, m.sample[0], m.sample[1], m.sample[2]];
+    let len = input_len(&shape)?;
     let mut s = runtime::open(&m.bytes, &shape, rt)?;
     let mut n = 0u64;
     for b in ds.batches(EVAL_BATCH)? {
         let b = b?;
         let mut x = b.x;
-        x.resize(EVAL_BATCH * per, 0.0);
+        x.resize(len, 0.0);
         let out = s.run(&x)?;
         let logits = &out.first().context("the model has no outputs")?.data;
         ensure!(
@@ -463,8 +476,9 @@ fn agreement(
             }
             None => {
                 let shape = [EVAL_BATCH, l.sample[0], l.sample[1], l.sample[2]];
+                let len = input_len(&shape)?;
                 let mut s = runtime::open(&l.bytes, &shape, rt)?;
-                let x = synthetic_input(shape.iter().product(), opts.seed);
+                let x = synthetic_input(len, opts.seed);
                 all = s.run(&x)?.into_iter().next().context("no outputs")?.data;
             }
         }
@@ -567,8 +581,9 @@ pub fn rss_probe(
         path: model.to_path_buf(),
     })?;
     let shape = [batch, m.sample[0], m.sample[1], m.sample[2]];
+    let len = input_len(&shape)?;
     let mut s = runtime::open(&m.bytes, &shape, rt)?;
-    let x = synthetic_input(shape.iter().product(), 0);
+    let x = synthetic_input(len, 0);
     for _ in 0..iterations.max(1) {
         s.run(&x)?;
     }

@@ -102,6 +102,10 @@ enum Source {
 impl Dataset {
     /// Opens `path` for a model whose input sample shape is `[c, h, w]`.
     pub fn open(path: &Path, pre: &Preprocess, sample: [usize; 3]) -> Result<Dataset> {
+        ensure!(
+            sample.iter().all(|&d| d > 0),
+            "the model's input sample shape {sample:?} (C, H, W) has a zero dimension"
+        );
         let meta = std::fs::metadata(path)
             .with_context(|| format!("cannot open dataset {}", path.display()))
             .hint("--data takes an image folder (one sub-folder per class), an .npz file with arrays `x` and `y`, or a folder with MNIST IDX files")?;
@@ -196,6 +200,14 @@ impl Dataset {
     pub fn load_all(&self) -> Result<Batch> {
         let mut it = self.batches(self.len.clamp(1, 4096))?;
         let [c, h, w] = self.sample;
+        let bytes = crate::util::byte_size([self.len, c, h, w].map(|d| d as u64), 4);
+        crate::util::ensure_fits_in_memory(bytes, || {
+            format!(
+                "dataset {} ({} samples of {c}x{h}x{w}, as float32)",
+                self.path.display(),
+                self.len
+            )
+        })?;
         let mut x = Vec::with_capacity(self.len * c * h * w);
         let mut y = Vec::with_capacity(self.len);
         let mut labelled = true;

@@ -163,6 +163,8 @@ pub struct NpzInfo {
 struct Entry {
     data_start: u64,
     compressed_size: u64,
+    /// Uncompressed size as the archive states it: an upper bound on what an array may claim.
+    size: u64,
     deflated: bool,
 }
 
@@ -180,6 +182,7 @@ fn entry(archive: &mut zip::ZipArchive<File>, name: &str) -> Result<Option<Entry
     Ok(Some(Entry {
         data_start: f.data_start(),
         compressed_size: f.compressed_size(),
+        size: f.size(),
         deflated,
     }))
 }
@@ -195,6 +198,23 @@ fn open_entry(path: &Path, e: Entry) -> Result<Box<dyn Read + Send>> {
     })
 }
 
+/// Checks that an array's declared shape fits in what its archive entry holds, before any
+/// buffer of that size is allocated; returns the data size in bytes.
+fn check_claim(h: &NpyHeader, e: &Entry, name: &str, path: &Path) -> Result<u64> {
+    let bytes = crate::util::byte_size(h.shape.iter().map(|&d| d as u64), h.dtype.size() as u64);
+    let have = e.size.saturating_sub(h.header_bytes as u64);
+    match bytes {
+        Some(b) if b <= have => Ok(b),
+        _ => Err(anyhow::anyhow!(
+            "array `{name}` in {} declares shape {:?} ({} bytes) but the archive holds {have} bytes of data for it",
+            path.display(),
+            h.shape,
+            bytes.map_or("more than 2^64".to_string(), |b| b.to_string())
+        ))
+        .hint("the file is truncated or corrupt; save it again with np.savez"),
+    }
+}
+
 impl NpzInfo {
     pub fn open(path: &Path) -> Result<NpzInfo> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -205,6 +225,7 @@ impl NpzInfo {
             .hint("save inputs as `x` and labels as `y`: np.savez(path, x=images, y=labels)")?;
         let header = read_header(&mut open_entry(path, x)?)
             .with_context(|| format!("array `x` in {}", path.display()))?;
+        check_claim(&header, &x, "x", path)?;
         let (layout, scale) = match (header.dtype, header.shape.len()) {
             (Dtype::F32, 4) => (Layout::Nchw, 1.0),
             (Dtype::F32, 3) => (Layout::Nhw, 1.0),
@@ -223,6 +244,7 @@ impl NpzInfo {
                 let mut r = open_entry(path, e)?;
                 let h = read_header(&mut r)
                     .with_context(|| format!("array `y` in {}", path.display()))?;
+                check_claim(&h, &e, "y", path)?;
                 ensure!(
                     h.shape.len() == 1 && h.shape[0] == len,
                     "array `y` in {} has shape {:?}; expected ({len},) labels to match `x`",
@@ -374,9 +396,13 @@ pub fn read_npz_array(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)>
     let e = entry(&mut archive, &format!("{name}.npy"))?
         .with_context(|| format!("{} has no array `{name}`", path.display()))?;
     let mut r = open_entry(path, e)?;
-    let h = read_header(&mut r)?;
-    let n: usize = h.shape.iter().product();
-    let mut buf = vec![0u8; n * h.dtype.size()];
+    let h = read_header(&mut r)
+        .with_context(|| format!("array `{name}` in {}", path.display()))?;
+    let bytes = check_claim(&h, &e, name, path)?;
+    crate::util::ensure_fits_in_memory(Some(bytes), || {
+        format!("array `{name}` in {}", path.display())
+    })?;
+    let mut buf = vec![0u8; bytes as usize];
     r.read_exact(&mut buf)
         .with_context(|| format!("array `{name}` in {} is truncated", path.display()))?;
     Ok((

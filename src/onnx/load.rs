@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use prost::Message;
 
-use super::proto::{tensor_proto::DataLocation, ModelProto, TensorProto};
+use super::proto::{tensor_proto::DataLocation, GraphProto, ModelProto, TensorProto};
 use crate::hint::HintExt;
 
 /// Protobuf cannot encode messages above 2 GiB; larger files are not ONNX models.
@@ -32,15 +32,19 @@ pub fn load_model(path: &Path) -> Result<ModelProto> {
     );
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read model {}", path.display()))?;
-    let mut model = decode_model(&bytes)
-        .with_context(|| format!("{} is not a valid ONNX model", path.display()))
-        .hint("the file may be truncated or not an ONNX file; re-export it and check it with `python -c \"import onnx; onnx.checker.check_model('MODEL')\"`")?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    load_external_data(&mut model, &dir)
-        .with_context(|| format!("cannot load external data of {}", path.display()))?;
+    load_model_bytes(&bytes, &dir).with_context(|| format!("cannot load {}", path.display()))
+}
+
+/// Decodes a model read from a file in `dir` and loads its external data from `dir`.
+pub fn load_model_bytes(bytes: &[u8], dir: &Path) -> Result<ModelProto> {
+    let mut model = decode_model(bytes)
+        .context("not a valid ONNX model")
+        .hint("the file may be truncated or not an ONNX file; re-export it and check it with `python -c \"import onnx; onnx.checker.check_model('MODEL')\"`")?;
+    load_external_data(&mut model, dir).context("cannot load external data")?;
     Ok(model)
 }
 
@@ -67,16 +71,53 @@ pub fn save_model(model: &ModelProto, path: &Path) -> Result<()> {
     crate::util::write_atomic(path, &bytes)
 }
 
+/// Every tensor of the model, subgraphs (`If`/`Loop` bodies, graph attributes of any op)
+/// and sparse initializers included: external data must be resolved here, under our checks,
+/// wherever it hides, never left for a backend to follow. prost's recursion limit bounds the
+/// nesting depth.
 fn all_tensors_mut(model: &mut ModelProto) -> Vec<&mut TensorProto> {
-    let mut out = Vec::new();
-    if let Some(g) = model.graph.as_mut() {
+    fn graph<'a>(g: &'a mut GraphProto, out: &mut Vec<&'a mut TensorProto>) {
         out.extend(g.initializer.iter_mut());
+        for s in g.sparse_initializer.iter_mut() {
+            out.extend(s.values.as_mut());
+            out.extend(s.indices.as_mut());
+        }
         for n in g.node.iter_mut() {
             for a in n.attribute.iter_mut() {
-                if let Some(t) = a.t.as_mut() {
-                    out.push(t);
-                }
+                out.extend(a.t.as_mut());
                 out.extend(a.tensors.iter_mut());
+                if let Some(s) = a.sparse_tensor.as_mut() {
+                    out.extend(s.values.as_mut());
+                    out.extend(s.indices.as_mut());
+                }
+                for s in a.sparse_tensors.iter_mut() {
+                    out.extend(s.values.as_mut());
+                    out.extend(s.indices.as_mut());
+                }
+                if let Some(sub) = a.g.as_mut() {
+                    graph(sub, out);
+                }
+                for sub in a.graphs.iter_mut() {
+                    graph(sub, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(g) = model.graph.as_mut() {
+        graph(g, &mut out);
+    }
+    for f in model.functions.iter_mut() {
+        for n in f.node.iter_mut() {
+            for a in n.attribute.iter_mut() {
+                out.extend(a.t.as_mut());
+                out.extend(a.tensors.iter_mut());
+                if let Some(sub) = a.g.as_mut() {
+                    graph(sub, &mut out);
+                }
+                for sub in a.graphs.iter_mut() {
+                    graph(sub, &mut out);
+                }
             }
         }
     }
@@ -85,16 +126,23 @@ fn all_tensors_mut(model: &mut ModelProto) -> Vec<&mut TensorProto> {
 
 fn load_external_data(model: &mut ModelProto, dir: &Path) -> Result<()> {
     let mut files: HashMap<PathBuf, (std::fs::File, u64)> = HashMap::new();
+    // Bytes loaded so far: many small tensors can claim as much as one huge one.
+    let mut total: u64 = 0;
     for t in all_tensors_mut(model) {
         if t.data_location != DataLocation::External as i32 {
             continue;
         }
-        let kv: HashMap<&str, &str> = t
-            .external_data
-            .iter()
-            .map(|e| (e.key.as_str(), e.value.as_str()))
-            .collect();
         let name = t.name.clone();
+        let mut kv: HashMap<&str, &str> = HashMap::new();
+        for e in &t.external_data {
+            // A second `location` could point a later reader somewhere other than what
+            // we checked; ONNX lists each key once.
+            ensure!(
+                kv.insert(e.key.as_str(), e.value.as_str()).is_none(),
+                "tensor `{name}` lists external data key `{}` twice",
+                e.key
+            );
+        }
         let location = kv
             .get("location")
             .with_context(|| format!("tensor `{name}` has external data without a `location`"))?;
@@ -112,16 +160,17 @@ fn load_external_data(model: &mut ModelProto, dir: &Path) -> Result<()> {
         let file_path =
             resolve_inside(dir, location).with_context(|| format!("tensor `{name}`"))?;
         if !files.contains_key(&file_path) {
-            let f = std::fs::File::open(&file_path).with_context(|| {
+            let opened = open_checked(&file_path, location).with_context(|| {
                 format!(
                     "tensor `{name}`: cannot open external data file {}",
                     file_path.display()
                 )
             })?;
-            let len = f.metadata()?.len();
-            files.insert(file_path.clone(), (f, len));
+            files.insert(file_path.clone(), opened);
         }
-        let (file, file_len) = files.get_mut(&file_path).expect("inserted above");
+        let Some((file, file_len)) = files.get_mut(&file_path) else {
+            bail!("external data file {} vanished", file_path.display());
+        };
         let length = match length {
             Some(l) => l,
             None => file_len.checked_sub(offset).with_context(|| {
@@ -154,9 +203,16 @@ fn load_external_data(model: &mut ModelProto, dir: &Path) -> Result<()> {
                 );
             }
         }
+        // A sparse file can be terabytes long while occupying nothing on disk.
+        total = total.saturating_add(length);
+        crate::util::ensure_fits_in_memory(Some(total), || {
+            format!("external data (up to tensor `{name}`, in {location})")
+        })?;
+        let length = usize::try_from(length)
+            .with_context(|| format!("tensor `{name}`: {length} bytes do not fit in memory"))?;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; length as usize];
+        let mut buf = vec![0u8; length];
         file.read_exact(&mut buf)
             .with_context(|| format!("tensor `{name}`: cannot read external data"))?;
         t.raw_data = buf;
@@ -200,6 +256,12 @@ pub fn resolve_inside(dir: &Path, location: &str) -> Result<PathBuf> {
         meta.is_file(),
         "external data location `{location}` is not a regular file"
     );
+    check_links(&meta, location)?;
+    Ok(real)
+}
+
+/// Refuses a file with more than one hard link.
+fn check_links(meta: &std::fs::Metadata, location: &str) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
@@ -211,7 +273,32 @@ pub fn resolve_inside(dir: &Path, location: &str) -> Result<PathBuf> {
             meta.nlink()
         );
     }
-    Ok(real)
+    #[cfg(not(unix))]
+    let _ = (meta, location);
+    Ok(())
+}
+
+/// Opens a path [`resolve_inside`] accepted and checks the opened file itself: if the path
+/// was swapped for a link between the check and the open, the handle's file differs from
+/// the one the path names now, or has several links, and it is refused.
+fn open_checked(real: &Path, location: &str) -> Result<(std::fs::File, u64)> {
+    let f = std::fs::File::open(real)?;
+    let meta = f.metadata()?;
+    ensure!(
+        meta.is_file(),
+        "external data location `{location}` is not a regular file"
+    );
+    check_links(&meta, location)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::symlink_metadata(real)?;
+        ensure!(
+            !now.file_type().is_symlink() && (now.dev(), now.ino()) == (meta.dev(), meta.ino()),
+            "external data file `{location}` changed while it was opened; refusing it"
+        );
+    }
+    Ok((f, meta.len()))
 }
 
 #[cfg(test)]

@@ -90,6 +90,7 @@ pub fn infer(graph: &Graph, inputs: &HashMap<String, Vec<usize>>) -> Result<Shap
         let shape = inputs
             .get(&v.name)
             .with_context(|| format!("no shape given for graph input `{}`", v.name))?;
+        check_size(shape, || format!("graph input `{}`", v.name))?;
         s.shapes.insert(v.name.clone(), shape.clone());
     }
     for (name, t) in &graph.initializers {
@@ -97,14 +98,28 @@ pub fn infer(graph: &Graph, inputs: &HashMap<String, Vec<usize>>) -> Result<Shap
         s.consts.insert(name.clone(), t.clone());
     }
     for node in &graph.nodes {
-        infer_node(node, &mut s).with_context(|| {
+        let context = || {
             format!(
                 "shape inference failed at node `{}` ({})",
                 node.name, node.op_type
             )
-        })?;
+        };
+        infer_node(node, &mut s).with_context(context)?;
+        for o in node.outputs.iter().filter(|o| !o.is_empty()) {
+            if let Some(shape) = s.shapes.get(o) {
+                check_size(shape, || format!("output `{o}` of shape {shape:?}"))
+                    .with_context(context)?;
+            }
+        }
     }
     Ok(s)
+}
+
+/// Refuses a value whose size, as float32, overflows or exceeds the memory available: a
+/// runtime would try to allocate it (hostile models declare such sizes to exhaust memory).
+fn check_size(shape: &[usize], what: impl FnOnce() -> String) -> Result<()> {
+    let bytes = crate::util::byte_size(shape.iter().map(|&d| d as u64), 4);
+    crate::util::ensure_fits_in_memory(bytes, || format!("{} (as float32)", what()))
 }
 
 /// Graph input shapes with the batch axis set to `batch`.
@@ -116,8 +131,23 @@ pub fn input_shapes(graph: &Graph, batch: usize) -> Result<HashMap<String, Vec<u
         .collect()
 }
 
-fn numel(s: &[usize]) -> usize {
-    s.iter().product()
+/// Element count, None when it overflows (a zero dimension anywhere still makes it 0:
+/// a dimension list such as [2^40, 2^40, 0] is valid and empty).
+fn numel(s: &[usize]) -> Option<usize> {
+    if s.contains(&0) {
+        return Some(0);
+    }
+    s.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
+/// Converts attribute or constant values to sizes, refusing negative ones.
+fn sizes(v: &[i64], what: &str, node: &Node) -> Result<Vec<usize>> {
+    v.iter()
+        .map(|&x| {
+            usize::try_from(x)
+                .map_err(|_| node.unsupported(format!("{what} {v:?} has a negative value")))
+        })
+        .collect()
 }
 
 /// NumPy-style broadcast of two shapes.
@@ -146,12 +176,13 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     Some(out)
 }
 
-/// Normalises a possibly negative axis against `rank`.
+/// Normalises a possibly negative axis against `rank`. A scalar (rank 0) has no axis: the
+/// result always indexes the shape.
 pub fn axis(a: i64, rank: usize, node: &Node) -> Result<usize> {
     let r = rank as i64;
     let v = if a < 0 { a + r } else { a };
     ensure!(
-        (0..r.max(1)).contains(&v) || (r == 0 && v == 0),
+        (0..r).contains(&v),
         node.unsupported(format!("axis {a} is out of range for rank {rank}"))
     );
     Ok(v as usize)
@@ -171,6 +202,10 @@ pub struct Window {
 /// Resolves Conv/Pool window geometry for spatial `input` dims.
 pub fn window(node: &Node, input: &[usize], kernel: Vec<usize>, ceil_mode: bool) -> Result<Window> {
     let r = kernel.len();
+    ensure!(
+        kernel.iter().all(|&k| k > 0),
+        node.unsupported(format!("kernel {kernel:?} must be positive"))
+    );
     ensure!(
         input.len() == r,
         node.unsupported(format!(
@@ -193,10 +228,16 @@ pub fn window(node: &Node, input: &[usize], kernel: Vec<usize>, ceil_mode: bool)
     };
     let mut out = vec![0; r];
     for i in 0..r {
-        let eff = (kernel[i] - 1) * dilations[i] + 1;
+        let eff = (kernel[i] - 1)
+            .checked_mul(dilations[i])
+            .and_then(|e| e.checked_add(1))
+            .with_context(|| node.unsupported("kernel size times dilation overflows"))?;
         match auto_pad.as_str() {
             "NOTSET" => {
-                let span = input[i] + pads[i] + pads[i + r];
+                let span = input[i]
+                    .checked_add(pads[i])
+                    .and_then(|v| v.checked_add(pads[i + r]))
+                    .with_context(|| node.unsupported("input size plus pads overflows"))?;
                 ensure!(span >= eff, node.unsupported(format!("the kernel ({eff}) is larger than the padded input ({span})")));
                 out[i] = if ceil_mode {
                     let o = (span - eff).div_ceil(strides[i]) + 1;
@@ -213,8 +254,12 @@ pub fn window(node: &Node, input: &[usize], kernel: Vec<usize>, ceil_mode: bool)
                 pads[i + r] = 0;
             }
             "SAME_UPPER" | "SAME_LOWER" => {
+                ensure!(input[i] > 0, node.unsupported("the input has an empty spatial axis"));
                 out[i] = input[i].div_ceil(strides[i]);
-                let total = ((out[i] - 1) * strides[i] + eff).saturating_sub(input[i]);
+                let total = ((out[i] - 1) * strides[i])
+                    .checked_add(eff)
+                    .with_context(|| node.unsupported("padding overflows"))?
+                    .saturating_sub(input[i]);
                 let small = total / 2;
                 let (b, e) = if auto_pad == "SAME_UPPER" { (small, total - small) } else { (total - small, small) };
                 pads[i] = b;
@@ -252,7 +297,9 @@ fn set(s: &mut Shapes, node: &Node, i: usize, shape: Vec<usize>) {
 }
 
 fn set_const(s: &mut Shapes, node: &Node, t: Tensor) {
-    let name = node.outputs[0].clone();
+    let Some(name) = node.outputs.first().filter(|o| !o.is_empty()).cloned() else {
+        return;
+    };
     s.shapes.insert(name.clone(), t.dims.clone());
     s.consts.insert(name.clone(), Tensor { name, ..t });
 }
@@ -329,7 +376,7 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                     .flatten()
             });
             if let (Some(x), Some(y)) = (ca, cb) {
-                if numel(&out) == x.len().max(y.len())
+                if numel(&out) == Some(x.len().max(y.len()))
                     && (x.len() == 1 || y.len() == 1 || x.len() == y.len())
                 {
                     let n = x.len().max(y.len());
@@ -367,16 +414,17 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             );
             let group = node.attr_int("group", 1)?;
             ensure!(group >= 1, node.unsupported("group must be positive"));
+            let channels = w[1].checked_mul(group as usize);
             ensure!(
-                x[1] == w[1] * group as usize,
+                channels == Some(x[1]),
                 node.unsupported(format!(
                     "input has {} channels but weight {w:?} with group {group} expects {}",
                     x[1],
-                    w[1] * group as usize
+                    channels.map_or("more".to_string(), |c| c.to_string())
                 ))
             );
             let kernel = match node.attr_ints("kernel_shape")? {
-                Some(k) => k.iter().map(|&v| v as usize).collect(),
+                Some(k) => sizes(&k, "kernel_shape", node)?,
                 None => w[2..].to_vec(),
             };
             let win = window(node, &x[2..], kernel, false)?;
@@ -392,28 +440,47 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                 node.unsupported("input and weight ranks do not fit a transposed convolution")
             );
             let r = x.len() - 2;
-            let group = node.attr_int("group", 1)? as usize;
+            let group = node.attr_int("group", 1)?;
+            ensure!(group >= 1, node.unsupported("group must be positive"));
             let strides = pos_list(node, "strides", r, 1)?;
             let dil = pos_list(node, "dilations", r, 1)?;
             let kernel: Vec<usize> = w[2..].to_vec();
             let outpad = node
                 .attr_ints("output_padding")?
                 .unwrap_or_else(|| vec![0; r]);
-            let mut out = vec![x[0], w[1] * group];
+            let outpad = sizes(&outpad, "output_padding", node)?;
+            let overflow = || node.unsupported("the output size overflows");
+            let mut out = vec![
+                x[0],
+                w[1].checked_mul(group as usize).with_context(overflow)?,
+            ];
             if let Some(os) = node.attr_ints("output_shape")? {
-                out.extend(os.iter().map(|&v| v as usize));
+                // Spatial sizes, or (as some exporters write it) the full N, C, spatial shape.
+                let spatial = if os.len() == r + 2 { &os[2..] } else { &os[..] };
+                ensure!(
+                    spatial.len() == r,
+                    node.unsupported(format!("output_shape {os:?} must have {r} values"))
+                );
+                out.extend(sizes(spatial, "output_shape", node)?);
             } else {
                 let pads = node.attr_ints("pads")?.unwrap_or_else(|| vec![0; 2 * r]);
+                let pads = sizes(&pads, "pads", node)?;
                 ensure!(
                     pads.len() == 2 * r && outpad.len() == r,
                     node.unsupported("pads/output_padding have the wrong length")
                 );
                 for i in 0..r {
-                    let full = strides[i] * (x[2 + i] - 1)
-                        + outpad[i] as usize
-                        + (kernel[i] - 1) * dil[i]
-                        + 1;
-                    let p = (pads[i] + pads[i + r]) as usize;
+                    ensure!(
+                        x[2 + i] > 0 && kernel[i] > 0,
+                        node.unsupported("input and kernel must have non-empty spatial axes")
+                    );
+                    let full = strides[i]
+                        .checked_mul(x[2 + i] - 1)
+                        .and_then(|v| v.checked_add(outpad[i]))
+                        .and_then(|v| v.checked_add((kernel[i] - 1).checked_mul(dil[i])?))
+                        .and_then(|v| v.checked_add(1))
+                        .with_context(overflow)?;
+                    let p = pads[i].checked_add(pads[i + r]).with_context(overflow)?;
                     ensure!(
                         full > p,
                         node.unsupported("padding removes the whole output")
@@ -447,12 +514,10 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                 x.len() >= 3,
                 node.unsupported(format!("input {x:?} must be N,C,spatial..."))
             );
-            let kernel: Vec<usize> = node
+            let kernel = node
                 .attr_ints("kernel_shape")?
-                .with_context(|| node.unsupported("kernel_shape is required"))?
-                .iter()
-                .map(|&k| k as usize)
-                .collect();
+                .with_context(|| node.unsupported("kernel_shape is required"))?;
+            let kernel = sizes(&kernel, "kernel_shape", node)?;
             ensure!(
                 kernel.iter().all(|&k| k > 0),
                 node.unsupported("kernel_shape must be positive")
@@ -540,11 +605,17 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                 node.unsupported(format!("axis {ax} out of range"))
             );
             let a = a as usize;
-            set(s, node, 0, vec![numel(&x[..a]), numel(&x[a..])]);
+            let (outer, inner) = numel(&x[..a])
+                .zip(numel(&x[a..]))
+                .with_context(|| node.unsupported(format!("flattening {x:?} overflows")))?;
+            set(s, node, 0, vec![outer, inner]);
         }
         "Reshape" => {
             let x = in_shape(s, 0)?;
-            let target = s.const_i64(&node.inputs[1], node)?;
+            let shape = node
+                .input(1)
+                .with_context(|| node.unsupported("input 1 (shape) is missing"))?;
+            let target = s.const_i64(shape, node)?;
             let allowzero = node.attr_int("allowzero", 0)? != 0;
             let out = reshape_dims(&x, &target, allowzero).map_err(|e| node.unsupported(e))?;
             if let Some(c) = s.consts.get(&node.inputs[0]).cloned() {
@@ -597,7 +668,9 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                         );
                     }
                 }
-                out[ax] += sh[ax];
+                out[ax] = out[ax].checked_add(sh[ax]).with_context(|| {
+                    node.unsupported("the concatenated size overflows")
+                })?;
             }
             let cs: Option<Vec<Vec<i64>>> = node
                 .inputs
@@ -613,19 +686,23 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             let x = in_shape(s, 0)?;
             let ax = axis(node.attr_int("axis", 0)?, x.len(), node)?;
             let n = node.outputs.len();
-            let sizes: Vec<usize> = if let Some(sp) = node.input(1) {
-                s.const_i64(sp, node)?.iter().map(|&v| v as usize).collect()
+            ensure!(n > 0, node.unsupported("Split needs outputs"));
+            let parts: Vec<usize> = if let Some(sp) = node.input(1) {
+                sizes(&s.const_i64(sp, node)?, "split", node)?
             } else if let Some(sp) = node.attr_ints("split")? {
-                sp.iter().map(|&v| v as usize).collect()
+                sizes(&sp, "split", node)?
             } else {
                 let k = x[ax].div_ceil(n);
-                (0..n).map(|i| k.min(x[ax].saturating_sub(i * k))).collect()
+                (0..n)
+                    .map(|i| k.min(x[ax].saturating_sub(i.saturating_mul(k))))
+                    .collect()
             };
+            let total = parts.iter().try_fold(0usize, |a, &p| a.checked_add(p));
             ensure!(
-                sizes.len() == n && sizes.iter().sum::<usize>() == x[ax],
-                node.unsupported(format!("split sizes {sizes:?} do not add up to {}", x[ax]))
+                parts.len() == n && total == Some(x[ax]),
+                node.unsupported(format!("split sizes {parts:?} do not add up to {}", x[ax]))
             );
-            for (i, sz) in sizes.into_iter().enumerate() {
+            for (i, sz) in parts.into_iter().enumerate() {
                 let mut o = x.clone();
                 o[ax] = sz;
                 set(s, node, i, o);
@@ -635,7 +712,10 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             let x = in_shape(s, 0)?;
             let (starts, ends, axes, steps) = if node.input(1).is_some() {
                 let st = s.const_i64(&node.inputs[1], node)?;
-                let en = s.const_i64(&node.inputs[2], node)?;
+                let ends = node
+                    .input(2)
+                    .with_context(|| node.unsupported("input 2 (ends) is missing"))?;
+                let en = s.const_i64(ends, node)?;
                 let ax = match node.input(3) {
                     Some(a) => Some(s.const_i64(a, node)?),
                     None => None,
@@ -660,7 +740,8 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                 s.consts.get(&node.inputs[0]).and_then(Tensor::to_i64_vec),
                 x.len(),
             ) {
-                let v = ranges[0].indices().map(|i| c[i]).collect();
+                let v: Option<Vec<i64>> = ranges[0].indices().map(|i| c.get(i).copied()).collect();
+                let v = v.with_context(|| node.unsupported("slice of a constant out of range"))?;
                 set_const(s, node, i64_const(out, v));
             } else {
                 set(s, node, 0, out);
@@ -745,7 +826,10 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
             );
             let mut out = x.clone();
             for (i, &a) in axes.iter().enumerate() {
-                let d = x[a] as i64 + pads[i] + pads[i + axes.len()];
+                let d = i64::try_from(x[a])
+                    .ok()
+                    .and_then(|d| d.checked_add(pads[i])?.checked_add(pads[i + axes.len()]))
+                    .with_context(|| node.unsupported("the padded size overflows"))?;
                 ensure!(
                     d >= 0,
                     node.unsupported("negative pads remove more than the axis")
@@ -873,7 +957,7 @@ pub fn reshape_dims(
     target: &[i64],
     allowzero: bool,
 ) -> std::result::Result<Vec<usize>, String> {
-    let total = numel(x);
+    let total = numel(x).ok_or_else(|| format!("the size of {x:?} overflows"))?;
     let mut out = Vec::with_capacity(target.len());
     let mut infer = None;
     for (i, &t) in target.iter().enumerate() {
@@ -892,18 +976,19 @@ pub fn reshape_dims(
         }
     }
     if let Some(i) = infer {
-        let known: usize = out
+        let others: Vec<usize> = out
             .iter()
             .enumerate()
             .filter(|&(j, _)| j != i)
             .map(|(_, &d)| d)
-            .product();
+            .collect();
+        let known = numel(&others).unwrap_or(0);
         if known == 0 || total % known != 0 {
             return Err(format!("cannot reshape {x:?} to {target:?}"));
         }
         out[i] = total / known;
     }
-    if numel(&out) != total {
+    if numel(&out) != Some(total) {
         return Err(format!(
             "cannot reshape {x:?} ({total} values) to {target:?}"
         ));
@@ -951,13 +1036,19 @@ pub fn slice_ranges(
     if starts.len() != ends.len() {
         return Err("starts and ends differ in length".into());
     }
+    if axes.is_some_and(|a| a.len() != starts.len())
+        || steps.is_some_and(|s| s.len() != starts.len())
+    {
+        return Err("axes and steps must have as many values as starts".into());
+    }
     for i in 0..starts.len() {
         let a = axes.map(|a| a[i]).unwrap_or(i as i64);
         let a = if a < 0 { a + r } else { a };
         if !(0..r).contains(&a) {
             return Err(format!("slice axis {a} out of range"));
         }
-        let d = x[a as usize] as i64;
+        let d = i64::try_from(x[a as usize])
+            .map_err(|_| format!("axis {a} of size {} is too large to slice", x[a as usize]))?;
         let step = steps.map(|s| s[i]).unwrap_or(1);
         if step == 0 {
             return Err("slice step 0".into());
@@ -969,11 +1060,13 @@ pub fn slice_ranges(
         } else {
             (s.clamp(-1, d - 1), e.clamp(-1, d - 1))
         };
-        let count = if step > 0 {
-            ((e - s).max(0) + step - 1) / step
+        // In i128: `step` may be as large as i64::MAX (or as small as i64::MIN).
+        let (span, stride) = if step > 0 {
+            ((e - s).max(0) as i128, step as i128)
         } else {
-            ((s - e).max(0) + (-step) - 1) / (-step)
+            ((s - e).max(0) as i128, -(step as i128))
         };
+        let count = (span + stride - 1) / stride;
         ranges[a as usize] = SliceRange {
             start: s,
             step,
@@ -1007,6 +1100,68 @@ mod tests {
         );
         let r = slice_ranges(&[5], &[-1], &[i64::MIN], None, Some(&[-2])).unwrap();
         assert_eq!(r[0].indices().collect::<Vec<_>>(), vec![4, 2, 0]);
+    }
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
+        Node {
+            name: "n".into(),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: outputs.iter().map(|s| s.to_string()).collect(),
+            attributes: vec![],
+        }
+    }
+
+    fn infer_one(n: Node, shapes: &[(&str, Vec<usize>)]) -> Result<Shapes> {
+        let mut s = Shapes::default();
+        for (k, v) in shapes {
+            s.shapes.insert(k.to_string(), v.clone());
+        }
+        infer_node(&n, &mut s).map(|_| s)
+    }
+
+    /// Found by fuzzing (`graph_shape`): constant folding wrote to `outputs[0]` of a node
+    /// that had none.
+    #[test]
+    fn constant_folding_node_without_outputs_is_not_a_panic() {
+        infer_one(node("Shape", &["x"], &[]), &[("x", vec![1, 2])]).unwrap();
+    }
+
+    /// Found by fuzzing (`onnx_bytes`): a Conv weight with a zero-sized spatial axis made
+    /// the kernel extent `(k - 1) * dilation + 1` underflow.
+    #[test]
+    fn zero_sized_kernel_is_an_error() {
+        let e = infer_one(
+            node("Conv", &["x", "w"], &["y"]),
+            &[("x", vec![1, 1, 4, 4]), ("w", vec![1, 1, 0, 3])],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("must be positive"), "{e}");
+    }
+
+    #[test]
+    fn scalar_has_no_axis() {
+        let n = node("Concat", &["x"], &["y"]);
+        assert!(axis(0, 0, &n).is_err());
+        assert!(infer_one(n, &[("x", vec![])]).is_err());
+    }
+
+    #[test]
+    fn size_arithmetic_overflow_is_an_error() {
+        let mut pad = node("Pad", &["x"], &["y"]);
+        pad.attributes.push(crate::onnx::ir::make_attr_ints("pads", vec![0, i64::MAX, 0, 1]));
+        assert!(infer_one(pad, &[("x", vec![2, 2])]).is_err());
+        // Valid and empty, but the product of the other axes overflows.
+        let flat = node("Flatten", &["x"], &["y"]);
+        assert!(infer_one(flat, &[("x", vec![0, 1 << 40, 1 << 40])]).is_err());
+        let r = slice_ranges(&[10], &[0], &[10], None, Some(&[i64::MAX])).unwrap();
+        assert_eq!(r[0].len(), 1);
+        let r = slice_ranges(&[10], &[9], &[-20], None, Some(&[i64::MIN])).unwrap();
+        assert_eq!(r[0].len(), 1);
+        assert!(slice_ranges(&[10], &[0, 0], &[1, 1], Some(&[0]), None).is_err());
+        assert!(reshape_dims(&[2], &[1 << 40, 1 << 40, -1], false).is_err());
+        assert!(reshape_dims(&[2], &[1 << 40, 1 << 40], false).is_err());
     }
 
     #[test]

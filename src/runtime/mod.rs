@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "backends")]
 pub mod ort;
+#[cfg(feature = "backends")]
 pub mod tract;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -107,6 +109,7 @@ pub fn open(
     input_shape: &[usize],
     opts: &RuntimeOptions,
 ) -> Result<Box<dyn Session>> {
+    #[cfg(feature = "backends")]
     match opts.backend {
         BackendKind::Tract => Ok(Box::new(tract::TractSession::open(
             model,
@@ -114,6 +117,14 @@ pub fn open(
             opts,
         )?)),
         BackendKind::Ort => Ok(Box::new(ort::OrtSession::open(model, input_shape, opts)?)),
+    }
+    #[cfg(not(feature = "backends"))]
+    {
+        let _ = (model, input_shape);
+        anyhow::bail!(
+            "this build of shrink has no inference backends (`{}` needs the `backends` feature)",
+            opts.backend
+        )
     }
 }
 
@@ -124,5 +135,5 @@ pub fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "backends"))]
 mod tests;
