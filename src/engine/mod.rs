@@ -6,11 +6,14 @@
 //! back in place); no Rust crate trains an arbitrary ONNX graph.
 
 pub mod backprop;
+mod buffers;
 pub mod kernels;
 pub mod linalg;
 pub mod net;
 pub mod plan;
 pub mod tensor;
+#[cfg(test)]
+mod tests;
 #[cfg(test)]
 pub(crate) mod testutil;
 

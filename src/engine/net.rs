@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, RngCore};
 
 use super::backprop::{self, GradStore};
+use super::buffers::Buffers;
 use super::kernels::{act, binary, bn, conv, layout, matmul, pool, quant, reduce, softmax};
 use super::plan::{self, Op, Plan, Roles, Src, Step};
 use super::Tensor;
@@ -93,6 +94,23 @@ pub struct Forward {
     pub(crate) mode: Mode,
     pub(crate) values: Vec<Option<Tensor>>,
     pub(crate) saved: Vec<Saved>,
+    bufs: Arc<Buffers>,
+}
+
+impl Drop for Forward {
+    /// Hands the buffers back to the net for the next step.
+    fn drop(&mut self) {
+        for t in self.values.drain(..).flatten() {
+            self.bufs.give(t.data);
+        }
+        for s in self.saved.drain(..) {
+            match s {
+                Saved::MaxPool { argmax } => self.bufs.give_u32(argmax),
+                Saved::Dropout { mask } => self.bufs.give(mask),
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Forward {
@@ -116,6 +134,17 @@ impl Forward {
             _ => None,
         }
     }
+    /// The graph outputs, moved out (in the graph's order).
+    pub fn into_outputs(mut self) -> Vec<Tensor> {
+        let plan = self.plan.clone();
+        plan.outputs
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Src::Val(v) => self.values[*v].take(),
+                _ => None,
+            })
+            .collect()
+    }
     /// Names of all values this pass computed, in execution order.
     pub fn value_names(&self) -> impl Iterator<Item = &str> {
         self.plan.values.iter().map(|(n, _)| n.as_str())
@@ -133,6 +162,7 @@ pub struct Net {
     plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
     /// Nodes without a backward pass that lie downstream of a parameter.
     no_backward: Vec<String>,
+    bufs: Arc<Buffers>,
 }
 
 impl Net {
@@ -154,7 +184,7 @@ impl Net {
             state.push(name.clone(), Tensor::from_onnx(&graph.initializers[&name])?);
         }
         let trainable = vec![true; params.len()];
-        let mut net = Net { graph, opset: model.opset, roles, params, trainable, state, plans: Mutex::new(HashMap::new()), no_backward: Vec::new() };
+        let mut net = Net { graph, opset: model.opset, roles, params, trainable, state, plans: Mutex::new(HashMap::new()), no_backward: Vec::new(), bufs: Arc::default() };
         // Plan once with batch 1 so unsupported ops and attributes fail now.
         let shapes = onnx::shape::input_shapes(&net.graph, 1)?;
         let plan = net.plan_for(net.graph.inputs.iter().map(|v| shapes[&v.name].clone()).collect())?;
@@ -207,6 +237,10 @@ impl Net {
 
     pub(crate) fn trainable_mask(&self) -> &[bool] {
         &self.trainable
+    }
+
+    pub(crate) fn buffers(&self) -> &Arc<Buffers> {
+        &self.bufs
     }
 
     /// Names of the graph inputs, in order.
@@ -297,14 +331,14 @@ impl Net {
         let mut values: Vec<Option<Tensor>> = vec![None; plan.values.len()];
         for (name, slot) in &plan.inputs {
             let t = inputs.iter().find(|(n, _)| n == name).map(|(_, t)| *t).context("input was checked")?;
-            values[*slot] = Some(t.clone());
+            values[*slot] = Some(self.bufs.copy_of(t));
         }
         let mut saved = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             let (outs, s, running) = {
                 let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| source(s, &values, &self.params, &self.state, &plan)).collect();
                 let shapes: Vec<&[usize]> = step.outputs.iter().map(|&o| plan.values[o].1.as_slice()).collect();
-                run_step(step, &ins, &shapes, mode, rng).with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
+                run_step(step, &ins, &shapes, mode, rng, &self.bufs).with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
             };
             if let Some((mean, var)) = running {
                 self.update_running(step, &mean, &var);
@@ -314,7 +348,7 @@ impl Net {
             }
             saved.push(s);
         }
-        Ok(Forward { plan, mode, values, saved })
+        Ok(Forward { plan, mode, values, saved, bufs: self.bufs.clone() })
     }
 
     fn update_running(&mut self, step: &Step, mean: &[f32], var: &[f32]) {
@@ -352,14 +386,14 @@ impl Net {
         let mut values: Vec<Option<Tensor>> = vec![None; plan.values.len()];
         let slot = plan.inputs[0].1;
         observe(&name, input)?;
-        values[slot] = Some(input.clone());
+        values[slot] = Some(self.bufs.copy_of(input));
         // Evaluation mode draws nothing; the generator only satisfies the signature.
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         for (i, step) in plan.steps.iter().enumerate() {
             let (outs, _, _) = {
                 let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| source(s, &values, &self.params, &self.state, &plan)).collect();
                 let shapes: Vec<&[usize]> = step.outputs.iter().map(|&o| plan.values[o].1.as_slice()).collect();
-                run_step(step, &ins, &shapes, Mode::Eval, &mut rng).with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
+                run_step(step, &ins, &shapes, Mode::Eval, &mut rng, &self.bufs).with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
             };
             for (&o, t) in step.outputs.iter().zip(outs) {
                 if !matches!(step.op, Op::QuantizeLinear(_)) {
@@ -370,7 +404,9 @@ impl Net {
             for src in &step.inputs {
                 if let Src::Val(v) = src {
                     if plan.last_use[*v] == i {
-                        values[*v] = None;
+                        if let Some(t) = values[*v].take() {
+                            self.bufs.give(t.data);
+                        }
                     }
                 }
             }
@@ -431,17 +467,15 @@ fn downstream_without_backward(plan: &Plan, roles: &Roles) -> Vec<String> {
     out
 }
 
-fn out_tensor(shape: &[usize]) -> Tensor {
-    Tensor { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
-}
 
 type StepResult = (Vec<Tensor>, Saved, Option<(Vec<f32>, Vec<f32>)>);
 
 /// Runs one step's forward kernel. Returns the outputs, what backward needs, and for
 /// training-mode BatchNorm the batch mean and variance for the running update.
-fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, rng: &mut dyn RngCore) -> Result<StepResult> {
+fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, rng: &mut dyn RngCore, bufs: &Buffers) -> Result<StepResult> {
     let x = ins[0];
-    let y0 = || out_tensor(out_shapes[0]);
+    // Every kernel below writes all of its output, so stale buffer contents never leak.
+    let y0 = || bufs.tensor(out_shapes[0]);
     let mut saved = Saved::None;
     let mut running = None;
     let outs = match &step.op {
@@ -489,7 +523,7 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
         }
         Op::MaxPool(g) => {
             let mut y = y0();
-            let mut argmax = vec![0u32; y.data.len()];
+            let mut argmax = bufs.take_u32(y.data.len());
             pool::max_forward(g, &x.data, &mut y.data, &mut argmax);
             saved = Saved::MaxPool { argmax };
             vec![y]
@@ -514,7 +548,11 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
             matmul::matmul_forward(g, &x.data, &ins[1].data, &mut y.data);
             vec![y]
         }
-        Op::Reshape { .. } => vec![Tensor { shape: out_shapes[0].to_vec(), data: x.data.clone() }],
+        Op::Reshape { .. } => {
+            let mut y = y0();
+            y.data.copy_from_slice(&x.data);
+            vec![y]
+        }
         Op::Transpose { in_shape, perm } => {
             let mut y = y0();
             layout::transpose(&x.data, in_shape, perm, &mut y.data);
@@ -527,7 +565,7 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
             vec![y]
         }
         Op::Split { outer, inner } => {
-            let mut outs: Vec<Tensor> = out_shapes.iter().map(|s| out_tensor(s)).collect();
+            let mut outs: Vec<Tensor> = out_shapes.iter().map(|s| bufs.tensor(s)).collect();
             let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.data.as_mut_slice()).collect();
             layout::split(&x.data, *outer, inner, &mut refs);
             outs
@@ -550,12 +588,22 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
         Op::Dropout { ratio } => match mode {
             Mode::Train if *ratio > 0.0 => {
                 let keep = 1.0 / (1.0 - ratio);
-                let mask: Vec<f32> = (0..x.data.len()).map(|_| if rng.random::<f32>() < *ratio { 0.0 } else { keep }).collect();
-                let y = Tensor { shape: x.shape.clone(), data: x.data.iter().zip(&mask).map(|(a, m)| a * m).collect() };
+                let mut mask = bufs.take(x.data.len());
+                for m in mask.iter_mut() {
+                    *m = if rng.random::<f32>() < *ratio { 0.0 } else { keep };
+                }
+                let mut y = y0();
+                for ((o, a), m) in y.data.iter_mut().zip(&x.data).zip(&mask) {
+                    *o = a * m;
+                }
                 saved = Saved::Dropout { mask };
                 vec![y]
             }
-            _ => vec![x.clone()],
+            _ => {
+                let mut y = y0();
+                y.data.copy_from_slice(&x.data);
+                vec![y]
+            }
         },
         Op::ReduceMean(g) => {
             let mut y = y0();

@@ -2,6 +2,7 @@
 //! loops for depthwise (one input channel per group). Transposed convolution reuses the
 //! same three kernels with the roles of input and output swapped.
 
+use super::window::Phased;
 use super::{for_each_group, group_len, threads, valid_range};
 use crate::engine::linalg::{matmul, Mat, Par};
 use rayon::prelude::*;
@@ -254,125 +255,86 @@ pub fn channel_sums(x: &[f32], n: usize, c: usize, plane: usize, out: &mut [f32]
     });
 }
 
+fn phased(g: &ConvGeom) -> Phased {
+    Phased::new(g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl)
+}
+
+/// `y[i] += a * x[i]`.
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// Direct depthwise forward: per output plane, each tap adds one contiguous run (see
+/// `window::Phased`).
 fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
+    let ph = phased(g);
     let planes = g.n * g.c_out;
     let group = group_len(planes, ohw * taps);
     for_each_group(y, ohw, group, |first, ys| {
+        let mut q = vec![0.0; ph.len()];
+        let mut run = vec![0.0; ph.run()];
+        let pl = ph.phase_len();
         for (i, yp) in ys.chunks_mut(ohw).enumerate() {
             let p = first + i;
             let (img, oc) = (p / g.c_out, p % g.c_out);
             let ic = oc / cog;
-            let xp = &x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()];
-            let wk = &w[oc * taps..][..taps];
-            yp.fill(b.map_or(0.0, |b| b[oc]));
-            for oy in 0..g.oh {
-                let yrow = &mut yp[oy * g.ow..(oy + 1) * g.ow];
-                for ky in 0..g.kh {
-                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    let xrow = &xp[iy as usize * g.w..][..g.w];
-                    for kx in 0..g.kw {
-                        let wv = wk[ky * g.kw + kx];
-                        let off = (kx * g.dw) as isize - g.pl as isize;
-                        let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
-                        if g.sw == 1 && lo < hi {
-                            let s = (lo as isize + off) as usize;
-                            for (o, v) in yrow[lo..hi].iter_mut().zip(&xrow[s..s + (hi - lo)]) {
-                                *o += wv * v;
-                            }
-                        } else {
-                            for ox in lo..hi {
-                                yrow[ox] += wv * xrow[(ox as isize * g.sw as isize + off) as usize];
-                            }
-                        }
-                    }
-                }
+            ph.scatter_input(&x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()], &mut q, 0.0);
+            run.fill(b.map_or(0.0, |b| b[oc]));
+            for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                axpy(&mut run, w[oc * taps + t], &q[phase * pl + off..][..ph.run()]);
             }
+            ph.extract(&run, yp);
         }
     });
 }
 
 fn depthwise_backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
+    let ph = phased(g);
     let planes = g.n * g.c_in;
     let group = group_len(planes, ohw * taps * cog);
     for_each_group(dx, g.in_plane(), group, |first, dxs| {
+        let mut dq = vec![0.0; ph.len()];
+        let mut run = vec![0.0; ph.run()];
+        let pl = ph.phase_len();
         for (i, dxp) in dxs.chunks_mut(g.in_plane()).enumerate() {
             let p = first + i;
             let (img, ic) = (p / g.c_in, p % g.c_in);
-            dxp.fill(0.0);
+            dq.fill(0.0);
             for oc in ic * cog..(ic + 1) * cog {
-                let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
-                let wk = &w[oc * taps..][..taps];
-                for oy in 0..g.oh {
-                    let dyrow = &dyp[oy * g.ow..(oy + 1) * g.ow];
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let dxrow = &mut dxp[iy as usize * g.w..][..g.w];
-                        for kx in 0..g.kw {
-                            let wv = wk[ky * g.kw + kx];
-                            let off = (kx * g.dw) as isize - g.pl as isize;
-                            let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
-                            if g.sw == 1 && lo < hi {
-                                let s = (lo as isize + off) as usize;
-                                for (d, v) in dxrow[s..s + (hi - lo)].iter_mut().zip(&dyrow[lo..hi]) {
-                                    *d += wv * v;
-                                }
-                            } else {
-                                for ox in lo..hi {
-                                    dxrow[(ox as isize * g.sw as isize + off) as usize] += wv * dyrow[ox];
-                                }
-                            }
-                        }
-                    }
+                ph.spread(&dy[(img * g.c_out + oc) * ohw..][..ohw], &mut run);
+                for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                    axpy(&mut dq[phase * pl + off..][..run.len()], w[oc * taps + t], &run);
                 }
             }
+            ph.gather_input(&dq, dxp);
         }
     });
 }
 
 fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
+    let ph = phased(g);
     let group = group_len(g.c_out, g.n * ohw * taps);
     // One output channel's taps depend on that channel's planes only: no cross-task sums.
     for_each_group(dw, taps, group, |first, dws| {
+        let mut q = vec![0.0; ph.len()];
+        let mut run = vec![0.0; ph.run()];
+        let pl = ph.phase_len();
         let mut acc = vec![0f64; taps];
         for (i, wk) in dws.chunks_mut(taps).enumerate() {
             let oc = first + i;
             let ic = oc / cog;
             acc.fill(0.0);
             for img in 0..g.n {
-                let xp = &x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()];
-                let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
-                for oy in 0..g.oh {
-                    let dyrow = &dyp[oy * g.ow..(oy + 1) * g.ow];
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let xrow = &xp[iy as usize * g.w..][..g.w];
-                        for kx in 0..g.kw {
-                            let off = (kx * g.dw) as isize - g.pl as isize;
-                            let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
-                            let mut s = 0f32;
-                            if g.sw == 1 && lo < hi {
-                                let st = (lo as isize + off) as usize;
-                                s = dot32(&dyrow[lo..hi], &xrow[st..st + (hi - lo)]);
-                            } else {
-                                for ox in lo..hi {
-                                    s += dyrow[ox] * xrow[(ox as isize * g.sw as isize + off) as usize];
-                                }
-                            }
-                            acc[ky * g.kw + kx] += s as f64;
-                        }
-                    }
+                ph.scatter_input(&x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()], &mut q, 0.0);
+                ph.spread(&dy[(img * g.c_out + oc) * ohw..][..ohw], &mut run);
+                for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                    acc[t] += dot32(&run, &q[phase * pl + off..][..run.len()]) as f64;
                 }
             }
             for (d, a) in wk.iter_mut().zip(&acc) {
@@ -382,14 +344,14 @@ fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]
     });
 }
 
-/// Short dot product with eight f32 lanes (rows are at most a few hundred long).
+/// Dot product of one plane's run with sixteen f32 lanes (runs are a few hundred long).
 #[inline]
 fn dot32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut ia = a.chunks_exact(8);
-    let mut ib = b.chunks_exact(8);
+    let mut acc = [0f32; 16];
+    let mut ia = a.chunks_exact(16);
+    let mut ib = b.chunks_exact(16);
     for (x, y) in (&mut ia).zip(&mut ib) {
-        for l in 0..8 {
+        for l in 0..16 {
             acc[l] += x[l] * y[l];
         }
     }
