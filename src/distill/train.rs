@@ -282,8 +282,9 @@ pub fn fit(
     }
 
     let cached = match (&mut teacher, cfg.augment.is_empty() && cfg.hints.is_empty()) {
-        // Teacher outputs do not depend on the batch they are computed in, so without
-        // augmentation one pass over the data gives exactly what every epoch would ask for.
+        // A sample's teacher logits do not depend on the batch it is computed in (bit for bit
+        // at usual batch sizes, to float rounding for tiny ones, where the engine takes other
+        // kernels), so without augmentation one pass gives what every epoch would ask for.
         (Some(t), true) if pos.epoch < cfg.epochs => Some(teacher_logits(&mut **t, data, 256, progress)?),
         _ => None,
     };
