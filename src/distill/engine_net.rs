@@ -187,3 +187,49 @@ impl Teacher for EngineTeacher {
         observe(&self.net, x, taps)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Dataset, Preprocess};
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    }
+
+    /// The training loop computes teacher logits once, in batches of 256, instead of per
+    /// training batch. A sample's logits must not depend on the batch it is in: bit for bit
+    /// at training batch sizes, and to float rounding for tiny batches, where the engine
+    /// picks other kernels (a short last batch).
+    #[test]
+    fn teacher_logits_do_not_depend_on_the_batch() {
+        let model = Model::load(&fixture("teacher.onnx")).unwrap();
+        let mut t = open_teacher(&model).unwrap();
+        let ds = Dataset::open(&fixture("digits_val.npz"), &Preprocess { limit: Some(100), ..Default::default() }, [1, 28, 28]).unwrap();
+        let b = ds.load_all().unwrap();
+        let x = Tensor::new(b.shape.to_vec(), b.x).unwrap();
+        let whole = t.infer(&x, &[]).unwrap().0;
+        for (start, len) in [(0, 64), (36, 64), (0, 32), (33, 67), (32, 1), (10, 7)] {
+            let part = t.infer(&x.batch_slice(start..start + len).unwrap(), &[]).unwrap().0;
+            let want = &whole.data[start * 10..(start + len) * 10];
+            if len >= 32 {
+                assert_eq!(part.data, want, "rows {start}..{}", start + len);
+            } else {
+                let d = part.data.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-5, "rows {start}..{}: {d}", start + len);
+            }
+        }
+    }
+
+    #[test]
+    fn inference_and_taps_match_a_training_forward_in_shape() {
+        let model = Model::load(&fixture("student.onnx")).unwrap();
+        let mut net = open(&model).unwrap();
+        let x = Tensor::zeros(&[3, 1, 28, 28]);
+        let taps = vec!["/pool/MaxPool_output_0".to_string()];
+        let (logits, t) = net.infer(&x, &taps).unwrap();
+        assert_eq!(logits.shape, vec![3, 10]);
+        assert_eq!(t[0].shape, vec![3, 8, 14, 14]);
+        assert!(net.infer(&x, &["nope".to_string()]).is_err());
+    }
+}

@@ -6,6 +6,7 @@
 //! back in place); no Rust crate trains an arbitrary ONNX graph.
 
 pub mod backprop;
+mod buffers;
 pub mod kernels;
 pub mod linalg;
 pub mod net;

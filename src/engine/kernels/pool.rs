@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::window::Phased;
 use super::{for_each_group, group_len};
 
 /// Resolved pooling window over `n * c` planes of `h x w`.
@@ -39,49 +40,45 @@ impl PoolGeom {
 }
 
 /// Max over each window; `argmax` receives the index within the input plane of the first
-/// maximum (PyTorch's tie rule), which the backward pass routes the gradient to.
+/// maximum in window order (PyTorch's tie rule), which the backward pass routes the gradient
+/// to. Works on stride-phase runs (see `window::Phased`) so the inner loops vectorise.
 pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     let (ohw, ihw) = (g.out_plane(), g.in_plane());
+    let ph = Phased::new(g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl);
     let group = group_len(g.planes(), ohw * g.kh * g.kw);
-    let run = |first: usize, ys: &mut [f32], am: &mut [u32]| {
+    let run_group = |first: usize, ys: &mut [f32], am: &mut [u32]| {
+        let mut q = vec![0.0; ph.len()];
+        let mut best = vec![0.0; ph.run()];
+        let mut tap = vec![0u32; ph.run()];
+        let pl = ph.phase_len();
         for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
-            let xp = &x[(first + i) * ihw..][..ihw];
+            ph.scatter_input(&x[(first + i) * ihw..][..ihw], &mut q, f32::NEG_INFINITY);
+            let (p0, o0) = ph.taps[0];
+            best.copy_from_slice(&q[p0 * pl + o0..][..ph.run()]);
+            tap.fill(0);
+            for (t, &(phase, off)) in ph.taps.iter().enumerate().skip(1) {
+                for ((b, k), &v) in best.iter_mut().zip(tap.iter_mut()).zip(&q[phase * pl + off..][..ph.run()]) {
+                    if v > *b {
+                        *b = v;
+                        *k = t as u32;
+                    }
+                }
+            }
+            ph.extract(&best, yp);
             for oy in 0..g.oh {
                 for ox in 0..g.ow {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = u32::MAX;
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        for kx in 0..g.kw {
-                            let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
-                            if ix < 0 || ix >= g.w as isize {
-                                continue;
-                            }
-                            let k = iy as usize * g.w + ix as usize;
-                            let v = xp[k];
-                            if v > best || (v.is_nan() && !best.is_nan()) || at == u32::MAX {
-                                best = v;
-                                at = k as u32;
-                            }
-                        }
-                    }
-                    yp[oy * g.ow + ox] = best;
-                    ap[oy * g.ow + ox] = at;
+                    let (ro, co) = ph.tap_rc[tap[oy * ph.qw + ox] as usize];
+                    let (r, c) = ((oy * g.sh) as isize + ro, (ox * g.sw) as isize + co);
+                    ap[oy * g.ow + ox] = if r >= 0 && c >= 0 && (r as usize) < g.h && (c as usize) < g.w { (r as usize * g.w + c as usize) as u32 } else { u32::MAX };
                 }
             }
         }
     };
     let chunk = (ohw * group).max(1);
     if y.len() <= chunk {
-        run(0, y, argmax);
+        run_group(0, y, argmax);
     } else {
-        y.par_chunks_mut(chunk)
-            .zip(argmax.par_chunks_mut(chunk))
-            .enumerate()
-            .for_each(|(i, (ys, am))| run(i * group, ys, am));
+        y.par_chunks_mut(chunk).zip(argmax.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ys, am))| run_group(i * group, ys, am));
     }
 }
 
@@ -114,19 +111,10 @@ fn bounds(o: usize, s: usize, k: usize, p0: usize, p1: usize, n: usize) -> (usiz
     (lo, hi.max(lo), padded_len)
 }
 
-fn avg_divisor(
-    g: &PoolGeom,
-    oy: usize,
-    ox: usize,
-    count_include_pad: bool,
-) -> (usize, usize, usize, usize, f32) {
+fn avg_divisor(g: &PoolGeom, oy: usize, ox: usize, count_include_pad: bool) -> (usize, usize, usize, usize, f32) {
     let (y0, y1, ph) = bounds(oy, g.sh, g.kh, g.pt, g.pb, g.h);
     let (x0, x1, pw) = bounds(ox, g.sw, g.kw, g.pl, g.pr, g.w);
-    let count = if count_include_pad {
-        ph * pw
-    } else {
-        (y1 - y0) * (x1 - x0)
-    };
+    let count = if count_include_pad { ph * pw } else { (y1 - y0) * (x1 - x0) };
     (y0, y1, x0, x1, 1.0 / count.max(1) as f32)
 }
 
@@ -204,15 +192,7 @@ mod tests {
     use crate::engine::testutil::*;
     use proptest::prelude::*;
 
-    fn window_out(
-        n: usize,
-        k: usize,
-        s: usize,
-        d: usize,
-        p0: usize,
-        p1: usize,
-        ceil: bool,
-    ) -> Option<usize> {
+    fn window_out(n: usize, k: usize, s: usize, d: usize, p0: usize, p1: usize, ceil: bool) -> Option<usize> {
         let eff = (k - 1) * d + 1;
         let span = n + p0 + p1;
         if span < eff {
@@ -220,11 +200,7 @@ mod tests {
         }
         Some(if ceil {
             let o = (span - eff).div_ceil(s) + 1;
-            if (o - 1) * s >= n + p0 {
-                o - 1
-            } else {
-                o
-            }
+            if (o - 1) * s >= n + p0 { o - 1 } else { o }
         } else {
             (span - eff) / s + 1
         })
@@ -273,11 +249,7 @@ mod tests {
                             cnt += 1;
                         }
                     }
-                    y[p * g.out_plane() + oy * g.ow + ox] = s / if include {
-                        pool as f64
-                    } else {
-                        cnt.max(1) as f64
-                    };
+                    y[p * g.out_plane() + oy * g.ow + ox] = s / if include { pool as f64 } else { cnt.max(1) as f64 };
                 }
             }
         }
@@ -285,43 +257,17 @@ mod tests {
     }
 
     fn strategy() -> impl Strategy<Value = (PoolGeom, bool)> {
-        (
-            (1usize..3, 1usize..4, 1usize..9, 1usize..9),
-            (1usize..4, 1usize..4, 1usize..3, 1usize..3, 1usize..3),
-            (0usize..2, 0usize..2, 0usize..2, 0usize..2, any::<bool>()),
-        )
-            .prop_filter_map(
-                "window does not fit",
-                |((n, c, h, w), (kh, kw, sh, sw, d), (pt, pl, pb, pr, ceil))| {
-                    // ONNX and PyTorch require pads smaller than the kernel.
-                    if pt >= kh || pb >= kh || pl >= kw || pr >= kw {
-                        return None;
-                    }
-                    let oh = window_out(h, kh, sh, d, pt, pb, ceil)?;
-                    let ow = window_out(w, kw, sw, d, pl, pr, ceil)?;
-                    Some((
-                        PoolGeom {
-                            n,
-                            c,
-                            h,
-                            w,
-                            kh,
-                            kw,
-                            sh,
-                            sw,
-                            dh: d,
-                            dw: d,
-                            pt,
-                            pl,
-                            pb,
-                            pr,
-                            oh,
-                            ow,
-                        },
-                        ceil,
-                    ))
-                },
-            )
+        ((1usize..3, 1usize..4, 1usize..9, 1usize..9), (1usize..4, 1usize..4, 1usize..3, 1usize..3, 1usize..3),
+            (0usize..2, 0usize..2, 0usize..2, 0usize..2, any::<bool>()))
+            .prop_filter_map("window does not fit", |((n, c, h, w), (kh, kw, sh, sw, d), (pt, pl, pb, pr, ceil))| {
+                // ONNX and PyTorch require pads smaller than the kernel.
+                if pt >= kh || pb >= kh || pl >= kw || pr >= kw {
+                    return None;
+                }
+                let oh = window_out(h, kh, sh, d, pt, pb, ceil)?;
+                let ow = window_out(w, kw, sw, d, pl, pr, ceil)?;
+                Some((PoolGeom { n, c, h, w, kh, kw, sh, sw, dh: d, dw: d, pt, pl, pb, pr, oh, ow }, ceil))
+            })
     }
 
     proptest! {
