@@ -26,29 +26,69 @@ impl BnGeom {
     }
 }
 
-/// `(sum(a), sum(a * b))`: sixteen f32 lanes within blocks of 1024 values, blocks added in
-/// f64, so long planes keep full precision and short ones stay fast.
-fn sums(a: &[f32], b: &[f32]) -> (f64, f64) {
-    let (mut s, mut sp) = (0f64, 0f64);
-    for (ca, cb) in a.chunks(1024).zip(b.chunks(1024)) {
-        let mut acc = [0f32; 16];
-        let mut accp = [0f32; 16];
-        let mut ia = ca.chunks_exact(16);
-        let mut ib = cb.chunks_exact(16);
+/// Running `(sum(a), sum(a * (b - shift)))` over the planes of one channel: sixteen f32
+/// lanes, flushed into f64 every 1024 values, so long channels keep full precision and tiny
+/// planes (4x4 late in a network) do not pay a flush each. With `a == b` and `shift` the mean
+/// this is the centred second moment, free of the cancellation of `E[x^2] - E[x]^2`.
+#[derive(Default)]
+struct Sums {
+    lanes: [f32; 16],
+    lanes_p: [f32; 16],
+    pending: usize,
+    total: f64,
+    total_p: f64,
+}
+
+impl Sums {
+    #[inline]
+    fn add(&mut self, a: &[f32], b: &[f32], shift: f32) {
+        let mut ia = a.chunks_exact(16);
+        let mut ib = b.chunks_exact(16);
         for (x, y) in (&mut ia).zip(&mut ib) {
             for l in 0..16 {
-                acc[l] += x[l];
-                accp[l] += x[l] * y[l];
+                self.lanes[l] += x[l];
+                self.lanes_p[l] += x[l] * (y[l] - shift);
             }
         }
-        for (x, y) in ia.remainder().iter().zip(ib.remainder()) {
-            acc[0] += x;
-            accp[0] += x * y;
+        for (l, (x, y)) in ia.remainder().iter().zip(ib.remainder()).enumerate() {
+            self.lanes[l] += x;
+            self.lanes_p[l] += x * (y - shift);
         }
-        s += acc.iter().map(|&v| v as f64).sum::<f64>();
-        sp += accp.iter().map(|&v| v as f64).sum::<f64>();
+        self.pending += a.len();
+        if self.pending >= 1024 {
+            self.flush();
+        }
     }
-    (s, sp)
+    /// Adds `sum((a - shift)^2)` to the product total.
+    #[inline]
+    fn add_sq_dev(&mut self, a: &[f32], shift: f32) {
+        let mut ia = a.chunks_exact(16);
+        for x in &mut ia {
+            for l in 0..16 {
+                let d = x[l] - shift;
+                self.lanes_p[l] += d * d;
+            }
+        }
+        for (l, x) in ia.remainder().iter().enumerate() {
+            let d = x - shift;
+            self.lanes_p[l] += d * d;
+        }
+        self.pending += a.len();
+        if self.pending >= 1024 {
+            self.flush();
+        }
+    }
+    fn flush(&mut self) {
+        self.total += self.lanes.iter().map(|&v| v as f64).sum::<f64>();
+        self.total_p += self.lanes_p.iter().map(|&v| v as f64).sum::<f64>();
+        self.lanes = [0.0; 16];
+        self.lanes_p = [0.0; 16];
+        self.pending = 0;
+    }
+    fn finish(mut self) -> (f64, f64) {
+        self.flush();
+        (self.total, self.total_p)
+    }
 }
 
 /// Per-channel `f(channel) -> T`, channels in parallel, results in channel order.
@@ -80,16 +120,20 @@ pub fn affine(g: &BnGeom, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]
 pub fn batch_stats(g: &BnGeom, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
     let m = g.count() as f64;
     let stats = per_channel(g, |ch| {
-        let mut s = 0f64;
-        let mut ss = 0f64;
+        let plane = |i: usize| &x[(i * g.c + ch) * g.plane..][..g.plane];
+        // Two passes: the mean, then squared deviations from it.
+        let mut acc = Sums::default();
         for i in 0..g.n {
-            let p = &x[(i * g.c + ch) * g.plane..][..g.plane];
-            let (a, b) = sums(p, p);
-            s += a;
-            ss += b;
+            acc.add(plane(i), plane(i), 0.0);
         }
-        let mu = s / m;
-        (mu, (ss / m - mu * mu).max(0.0))
+        let mu = acc.finish().0 / m;
+        let mut acc = Sums::default();
+        for i in 0..g.n {
+            acc.add_sq_dev(plane(i), mu as f32);
+        }
+        // Centred on the f32 mean, off the exact one by `d`: subtract the `d^2` this adds.
+        let d = mu as f32 as f64 - mu;
+        (mu, (acc.finish().1 / m - d * d).max(0.0))
     });
     for (ch, (mu, v)) in stats.into_iter().enumerate() {
         mean[ch] = mu as f32;
@@ -128,14 +172,13 @@ pub fn eval_forward(g: &BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], rmean: &
 /// Per channel: `(sum(dy), sum(dy * (x - mean)))`.
 fn grad_sums(g: &BnGeom, x: &[f32], dy: &[f32], mean: &[f32]) -> Vec<(f64, f64)> {
     per_channel(g, |ch| {
-        let (mut sdy, mut sdyx) = (0f64, 0f64);
+        let mut acc = Sums::default();
         for i in 0..g.n {
             let o = (i * g.c + ch) * g.plane;
-            let (a, b) = sums(&dy[o..][..g.plane], &x[o..][..g.plane]);
-            sdy += a;
-            sdyx += b;
+            acc.add(&dy[o..][..g.plane], &x[o..][..g.plane], mean[ch]);
         }
-        (sdy, sdyx - mean[ch] as f64 * sdy)
+        // The shift is the f32 mean, which is what the backward formula uses.
+        acc.finish()
     })
 }
 

@@ -108,10 +108,25 @@ impl Phased {
                 row.fill(0.0);
                 continue;
             }
-            for (c, d) in row.iter_mut().enumerate() {
-                let pc = c + self.pl;
-                let (b, j) = (pc % self.sw, pc / self.sw);
-                *d = if j < self.qw { q[(a * self.sw + b) * pl + i * self.qw + j] } else { 0.0 };
+            for b in 0..self.sw {
+                let src = &q[(a * self.sw + b) * pl + i * self.qw..][..self.qw];
+                // Columns c = j*sw + b - pl of this phase; the others belong to other phases.
+                let off = b as isize - self.pl as isize;
+                let (lo, hi) = valid_range(self.qw, self.sw, off, self.w);
+                if self.sw == 1 {
+                    row.fill(0.0);
+                    if lo < hi {
+                        let s = (lo as isize + off) as usize;
+                        row[s..s + hi - lo].copy_from_slice(&src[lo..hi]);
+                    }
+                } else {
+                    if b == 0 {
+                        row.fill(0.0);
+                    }
+                    for j in lo..hi {
+                        row[(j as isize * self.sw as isize + off) as usize] = src[j];
+                    }
+                }
             }
         }
     }
