@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::{for_each_group, group_len, threads};
+use crate::engine::simd::multiversion;
 
 /// `n` images of `c` channels with `plane` values per channel (H*W; 1 for 2-D input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ struct Sums {
 }
 
 impl Sums {
-    #[inline]
+    #[inline(always)]
     fn add(&mut self, a: &[f32], b: &[f32], shift: f32) {
         let mut ia = a.chunks_exact(16);
         let mut ib = b.chunks_exact(16);
@@ -60,7 +61,7 @@ impl Sums {
         }
     }
     /// Adds `sum((a - shift)^2)` to the product total.
-    #[inline]
+    #[inline(always)]
     fn add_sq_dev(&mut self, a: &[f32], shift: f32) {
         let mut ia = a.chunks_exact(16);
         for x in &mut ia {
@@ -101,40 +102,60 @@ fn per_channel<T: Send>(g: &BnGeom, f: impl Fn(usize) -> T + Sync + Send) -> Vec
     }
 }
 
-/// `y = x * scale[c] + shift[c]`.
-pub fn affine(g: &BnGeom, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
-    let group = group_len(g.n * g.c, g.plane);
-    for_each_group(y, g.plane, group, |first, ys| {
-        for (i, yp) in ys.chunks_mut(g.plane).enumerate() {
+multiversion! {
+    /// `y = x * scale[c] + shift[c]` for consecutive planes starting at plane `first`.
+    fn affine_planes(x: &[f32], first: usize, c: usize, plane: usize, scale: &[f32], shift: &[f32], ys: &mut [f32]) {
+        for (i, yp) in ys.chunks_mut(plane).enumerate() {
             let p = first + i;
-            let ch = p % g.c;
-            let (s, t) = (scale[ch], shift[ch]);
-            for (o, &v) in yp.iter_mut().zip(&x[p * g.plane..][..g.plane]) {
+            let (s, t) = (scale[p % c], shift[p % c]);
+            for (o, &v) in yp.iter_mut().zip(&x[p * plane..][..plane]) {
                 *o = v * s + t;
             }
         }
-    });
+    }
 }
 
-/// Batch mean and biased variance of each channel.
-pub fn batch_stats(g: &BnGeom, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
-    let m = g.count() as f64;
-    let stats = per_channel(g, |ch| {
-        let plane = |i: usize| &x[(i * g.c + ch) * g.plane..][..g.plane];
-        // Two passes: the mean, then squared deviations from it.
+/// `y = x * scale[c] + shift[c]`.
+pub fn affine(g: &BnGeom, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
+    let group = group_len(g.n * g.c, g.plane);
+    for_each_group(y, g.plane, group, |first, ys| affine_planes(x, first, g.c, g.plane, scale, shift, ys));
+}
+
+multiversion! {
+    /// Mean and biased variance of channel `ch`: two passes, the mean then squared deviations.
+    fn channel_moments(x: &[f32], n: usize, c: usize, plane: usize, ch: usize) -> (f64, f64) {
+        let m = (n * plane) as f64;
         let mut acc = Sums::default();
-        for i in 0..g.n {
-            acc.add(plane(i), plane(i), 0.0);
+        for i in 0..n {
+            let p = &x[(i * c + ch) * plane..][..plane];
+            acc.add(p, p, 0.0);
         }
         let mu = acc.finish().0 / m;
         let mut acc = Sums::default();
-        for i in 0..g.n {
-            acc.add_sq_dev(plane(i), mu as f32);
+        for i in 0..n {
+            acc.add_sq_dev(&x[(i * c + ch) * plane..][..plane], mu as f32);
         }
         // Centred on the f32 mean, off the exact one by `d`: subtract the `d^2` this adds.
         let d = mu as f32 as f64 - mu;
         (mu, (acc.finish().1 / m - d * d).max(0.0))
-    });
+    }
+}
+
+multiversion! {
+    /// `(sum(dy), sum(dy * (x - mean)))` of channel `ch`.
+    fn channel_grad_sums(x: &[f32], dy: &[f32], n: usize, c: usize, plane: usize, ch: usize, mean: f32) -> (f64, f64) {
+        let mut acc = Sums::default();
+        for i in 0..n {
+            let o = (i * c + ch) * plane;
+            acc.add(&dy[o..][..plane], &x[o..][..plane], mean);
+        }
+        acc.finish()
+    }
+}
+
+/// Batch mean and biased variance of each channel.
+pub fn batch_stats(g: &BnGeom, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
+    let stats = per_channel(g, |ch| channel_moments(x, g.n, g.c, g.plane, ch));
     for (ch, (mu, v)) in stats.into_iter().enumerate() {
         mean[ch] = mu as f32;
         var[ch] = v as f32;
@@ -171,15 +192,8 @@ pub fn eval_forward(g: &BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], rmean: &
 
 /// Per channel: `(sum(dy), sum(dy * (x - mean)))`.
 fn grad_sums(g: &BnGeom, x: &[f32], dy: &[f32], mean: &[f32]) -> Vec<(f64, f64)> {
-    per_channel(g, |ch| {
-        let mut acc = Sums::default();
-        for i in 0..g.n {
-            let o = (i * g.c + ch) * g.plane;
-            acc.add(&dy[o..][..g.plane], &x[o..][..g.plane], mean[ch]);
-        }
-        // The shift is the f32 mean, which is what the backward formula uses.
-        acc.finish()
-    })
+    // The shift is the f32 mean, which is what the backward formula uses.
+    per_channel(g, |ch| channel_grad_sums(x, dy, g.n, g.c, g.plane, ch, mean[ch]))
 }
 
 /// Training-mode gradients (batch statistics are functions of `x`). `dgamma`, `dbeta` and
@@ -205,17 +219,22 @@ pub fn train_backward(g: &BnGeom, x: &[f32], dy: &[f32], gamma: &[f32], mean: &[
     }
     if let Some(dx) = dx {
         let group = group_len(g.n * g.c, g.plane);
-        for_each_group(dx, g.plane, group, |first, dxs| {
-            for (i, dp) in dxs.chunks_mut(g.plane).enumerate() {
-                let p = first + i;
-                let ch = p % g.c;
-                let (a, b, c) = (ka[ch], kb[ch], kc[ch]);
-                let o = p * g.plane;
-                for ((d, &gv), &xv) in dp.iter_mut().zip(&dy[o..][..g.plane]).zip(&x[o..][..g.plane]) {
-                    *d = a * gv + b * xv + c;
-                }
+        for_each_group(dx, g.plane, group, |first, dxs| dx_planes(x, dy, first, g.c, g.plane, &ka, &kb, &kc, dxs));
+    }
+}
+
+multiversion! {
+    /// `dx = a[c] * dy + b[c] * x + k[c]` for consecutive planes starting at plane `first`.
+    #[allow(clippy::too_many_arguments)]
+    fn dx_planes(x: &[f32], dy: &[f32], first: usize, c: usize, plane: usize, ka: &[f32], kb: &[f32], kc: &[f32], dxs: &mut [f32]) {
+        for (i, dp) in dxs.chunks_mut(plane).enumerate() {
+            let p = first + i;
+            let (a, b, k) = (ka[p % c], kb[p % c], kc[p % c]);
+            let o = p * plane;
+            for ((d, &gv), &xv) in dp.iter_mut().zip(&dy[o..][..plane]).zip(&x[o..][..plane]) {
+                *d = a * gv + b * xv + k;
             }
-        });
+        }
     }
 }
 

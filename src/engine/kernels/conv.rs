@@ -3,6 +3,7 @@
 //! same three kernels with the roles of input and output swapped.
 
 use super::window::Phased;
+use crate::engine::simd::multiversion;
 use super::{for_each_group, group_len, threads, valid_range};
 use crate::engine::linalg::{matmul, Mat, Par};
 use rayon::prelude::*;
@@ -260,10 +261,51 @@ fn phased(g: &ConvGeom) -> Phased {
 }
 
 /// `y[i] += a * x[i]`.
-#[inline]
+#[inline(always)]
 fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (o, v) in y.iter_mut().zip(x) {
         *o += a * v;
+    }
+}
+
+multiversion! {
+    /// One output plane of a depthwise convolution.
+    fn dw_forward_plane(ph: &Phased, q: &mut [f32], run: &mut [f32], x: &[f32], wk: &[f32], bias: f32, y: &mut [f32]) {
+        ph.scatter_input(x, q, 0.0);
+        run.fill(bias);
+        let (pl, n) = (ph.phase_len(), run.len());
+        for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+            axpy(run, wk[t], &q[phase * pl + off..][..n]);
+        }
+        ph.extract(run, y);
+    }
+}
+
+multiversion! {
+    /// One input plane's gradient: the output planes `dys` (its `cog` channels) spread back
+    /// through their kernels `wks`.
+    fn dw_backward_data_plane(ph: &Phased, dq: &mut [f32], run: &mut [f32], dys: &[f32], wks: &[f32], dx: &mut [f32]) {
+        dq.fill(0.0);
+        let (pl, n, taps, ohw) = (ph.phase_len(), run.len(), ph.taps.len(), ph.oh * ph.ow);
+        for (dy, wk) in dys.chunks(ohw).zip(wks.chunks(taps)) {
+            ph.spread(dy, run);
+            for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                axpy(&mut dq[phase * pl + off..][..n], wk[t], run);
+            }
+        }
+        ph.gather_input(dq, dx);
+    }
+}
+
+multiversion! {
+    /// Adds one image's contribution to one channel's kernel gradient.
+    fn dw_backward_weight_plane(ph: &Phased, q: &mut [f32], run: &mut [f32], x: &[f32], dy: &[f32], acc: &mut [f64]) {
+        ph.scatter_input(x, q, 0.0);
+        ph.spread(dy, run);
+        let (pl, n) = (ph.phase_len(), run.len());
+        for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+            acc[t] += dot32(run, &q[phase * pl + off..][..n]) as f64;
+        }
     }
 }
 
@@ -272,22 +314,13 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
     let ph = phased(g);
-    let planes = g.n * g.c_out;
-    let group = group_len(planes, ohw * taps);
+    let group = group_len(g.n * g.c_out, ohw * taps);
     for_each_group(y, ohw, group, |first, ys| {
-        let mut q = vec![0.0; ph.len()];
-        let mut run = vec![0.0; ph.run()];
-        let pl = ph.phase_len();
+        let (mut q, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
         for (i, yp) in ys.chunks_mut(ohw).enumerate() {
-            let p = first + i;
-            let (img, oc) = (p / g.c_out, p % g.c_out);
-            let ic = oc / cog;
-            ph.scatter_input(&x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()], &mut q, 0.0);
-            run.fill(b.map_or(0.0, |b| b[oc]));
-            for (t, &(phase, off)) in ph.taps.iter().enumerate() {
-                axpy(&mut run, w[oc * taps + t], &q[phase * pl + off..][..ph.run()]);
-            }
-            ph.extract(&run, yp);
+            let (img, oc) = ((first + i) / g.c_out, (first + i) % g.c_out);
+            let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
+            dw_forward_plane(&ph, &mut q, &mut run, xp, &w[oc * taps..][..taps], b.map_or(0.0, |b| b[oc]), yp);
         }
     });
 }
@@ -295,23 +328,13 @@ fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &
 fn depthwise_backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
     let ph = phased(g);
-    let planes = g.n * g.c_in;
-    let group = group_len(planes, ohw * taps * cog);
+    let group = group_len(g.n * g.c_in, ohw * taps * cog);
     for_each_group(dx, g.in_plane(), group, |first, dxs| {
-        let mut dq = vec![0.0; ph.len()];
-        let mut run = vec![0.0; ph.run()];
-        let pl = ph.phase_len();
+        let (mut dq, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
         for (i, dxp) in dxs.chunks_mut(g.in_plane()).enumerate() {
-            let p = first + i;
-            let (img, ic) = (p / g.c_in, p % g.c_in);
-            dq.fill(0.0);
-            for oc in ic * cog..(ic + 1) * cog {
-                ph.spread(&dy[(img * g.c_out + oc) * ohw..][..ohw], &mut run);
-                for (t, &(phase, off)) in ph.taps.iter().enumerate() {
-                    axpy(&mut dq[phase * pl + off..][..run.len()], w[oc * taps + t], &run);
-                }
-            }
-            ph.gather_input(&dq, dxp);
+            let (img, ic) = ((first + i) / g.c_in, (first + i) % g.c_in);
+            let dys = &dy[(img * g.c_out + ic * cog) * ohw..][..cog * ohw];
+            dw_backward_data_plane(&ph, &mut dq, &mut run, dys, &w[ic * cog * taps..][..cog * taps], dxp);
         }
     });
 }
@@ -322,20 +345,15 @@ fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]
     let group = group_len(g.c_out, g.n * ohw * taps);
     // One output channel's taps depend on that channel's planes only: no cross-task sums.
     for_each_group(dw, taps, group, |first, dws| {
-        let mut q = vec![0.0; ph.len()];
-        let mut run = vec![0.0; ph.run()];
-        let pl = ph.phase_len();
+        let (mut q, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
         let mut acc = vec![0f64; taps];
         for (i, wk) in dws.chunks_mut(taps).enumerate() {
             let oc = first + i;
-            let ic = oc / cog;
             acc.fill(0.0);
             for img in 0..g.n {
-                ph.scatter_input(&x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()], &mut q, 0.0);
-                ph.spread(&dy[(img * g.c_out + oc) * ohw..][..ohw], &mut run);
-                for (t, &(phase, off)) in ph.taps.iter().enumerate() {
-                    acc[t] += dot32(&run, &q[phase * pl + off..][..run.len()]) as f64;
-                }
+                let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
+                let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
+                dw_backward_weight_plane(&ph, &mut q, &mut run, xp, dyp, &mut acc);
             }
             for (d, a) in wk.iter_mut().zip(&acc) {
                 *d = *a as f32;
@@ -345,7 +363,7 @@ fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]
 }
 
 /// Dot product of one plane's run with sixteen f32 lanes (runs are a few hundred long).
-#[inline]
+#[inline(always)]
 fn dot32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let mut ia = a.chunks_exact(16);

@@ -64,6 +64,7 @@ impl Phased {
     }
 
     /// Splits an input plane into phases, `fill` where the window reads padding.
+    #[inline]
     pub fn scatter_input(&self, x: &[f32], q: &mut [f32], fill: f32) {
         let pl = self.phase_len();
         for a in 0..self.sh {
@@ -98,6 +99,7 @@ impl Phased {
 
     /// Inverse of `scatter_input` for gradients: `dx[r][c]` takes the phase value its input
     /// position maps to (0 where no window reads it).
+    #[inline]
     pub fn gather_input(&self, q: &[f32], dx: &mut [f32]) {
         let pl = self.phase_len();
         for r in 0..self.h {
@@ -132,6 +134,7 @@ impl Phased {
     }
 
     /// Copies the `oh x ow` outputs out of a scratch run.
+    #[inline]
     pub fn extract(&self, run: &[f32], y: &mut [f32]) {
         for oy in 0..self.oh {
             y[oy * self.ow..][..self.ow].copy_from_slice(&run[oy * self.qw..][..self.ow]);
@@ -139,6 +142,7 @@ impl Phased {
     }
 
     /// Lays `oh x ow` outputs (a gradient) out as a scratch run with zero scratch lanes.
+    #[inline]
     pub fn spread(&self, y: &[f32], run: &mut [f32]) {
         for oy in 0..self.oh {
             let row = &mut run[oy * self.qw..][..self.qw];
