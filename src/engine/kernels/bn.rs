@@ -43,18 +43,21 @@ struct Sums {
 impl Sums {
     #[inline(always)]
     fn add(&mut self, a: &[f32], b: &[f32], shift: f32) {
-        let mut ia = a.chunks_exact(16);
-        let mut ib = b.chunks_exact(16);
-        for (x, y) in (&mut ia).zip(&mut ib) {
+        // Lanes in locals (not behind `&mut self`) so they stay in vector registers.
+        let (mut acc, mut accp) = (self.lanes, self.lanes_p);
+        let (ca, ra) = a.as_chunks::<16>();
+        let (cb, rb) = b[..a.len()].as_chunks::<16>();
+        for (x, y) in ca.iter().zip(cb) {
             for l in 0..16 {
-                self.lanes[l] += x[l];
-                self.lanes_p[l] += x[l] * (y[l] - shift);
+                acc[l] += x[l];
+                accp[l] += x[l] * (y[l] - shift);
             }
         }
-        for (l, (x, y)) in ia.remainder().iter().zip(ib.remainder()).enumerate() {
-            self.lanes[l] += x;
-            self.lanes_p[l] += x * (y - shift);
+        for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+            acc[l] += x;
+            accp[l] += x * (y - shift);
         }
+        (self.lanes, self.lanes_p) = (acc, accp);
         self.pending += a.len();
         if self.pending >= 1024 {
             self.flush();
@@ -63,17 +66,19 @@ impl Sums {
     /// Adds `sum((a - shift)^2)` to the product total.
     #[inline(always)]
     fn add_sq_dev(&mut self, a: &[f32], shift: f32) {
-        let mut ia = a.chunks_exact(16);
-        for x in &mut ia {
+        let mut accp = self.lanes_p;
+        let (ca, ra) = a.as_chunks::<16>();
+        for x in ca {
             for l in 0..16 {
                 let d = x[l] - shift;
-                self.lanes_p[l] += d * d;
+                accp[l] += d * d;
             }
         }
-        for (l, x) in ia.remainder().iter().enumerate() {
+        for (l, x) in ra.iter().enumerate() {
             let d = x - shift;
-            self.lanes_p[l] += d * d;
+            accp[l] += d * d;
         }
+        self.lanes_p = accp;
         self.pending += a.len();
         if self.pending >= 1024 {
             self.flush();

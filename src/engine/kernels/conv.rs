@@ -70,33 +70,72 @@ impl ConvGeom {
     }
 }
 
-/// Copies the receptive fields of `cig` input planes into `col` (`kdim x oh*ow`), zeros
-/// where the window reads padding.
-fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
-    let (ow, ohw) = (g.ow, g.out_plane());
-    for c in 0..g.cig() {
-        let plane = &x[c * g.in_plane()..(c + 1) * g.in_plane()];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
-                let offx = (kx * g.dw) as isize - g.pl as isize;
-                let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
-                for oy in 0..g.oh {
-                    let dst = &mut row[oy * ow..(oy + 1) * ow];
-                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        dst.fill(0.0);
+/// With unit strides and `ow == w`, output position `i` of a tap reads input `i + shift`:
+/// each tap's im2col row is one shifted copy of the plane, then its out-of-range rows and
+/// wrapped-around columns are zeroed.
+fn flat_shift(g: &ConvGeom) -> bool {
+    g.sh == 1 && g.sw == 1 && g.ow == g.w
+}
+
+/// The part of `lo..hi` whose shifted positions `i + shift` fall inside `0..len`, as a
+/// sub-range `start..end` with `lo <= start <= end <= hi`.
+#[inline]
+fn shifted_span(lo: usize, hi: usize, shift: isize, len: usize) -> (usize, usize) {
+    let start = (lo as isize).max(-shift).min(hi as isize) as usize;
+    let end = (hi as isize).min(len as isize - shift).max(start as isize) as usize;
+    (start, end)
+}
+
+multiversion! {
+    /// Copies the receptive fields of `cig` input planes into `col` (`kdim x oh*ow`), zeros
+    /// where the window reads padding.
+    fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
+        let (ow, ohw, ihw) = (g.ow, g.out_plane(), g.in_plane());
+        for c in 0..g.cig() {
+            let plane = &x[c * ihw..(c + 1) * ihw];
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                    let offx = (kx * g.dw) as isize - g.pl as isize;
+                    let offy = (ky * g.dh) as isize - g.pt as isize;
+                    let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
+                    if flat_shift(g) {
+                        let (ylo, yhi) = valid_range(g.oh, 1, offy, g.h);
+                        let shift = offy * g.w as isize + offx;
+                        row[..ylo * ow].fill(0.0);
+                        row[yhi * ow..].fill(0.0);
+                        // Clip the copy to the plane; what falls outside is a wrapped column.
+                        let (start, end) = shifted_span(ylo * ow, yhi * ow, shift, ihw);
+                        row[ylo * ow..start].fill(0.0);
+                        row[end..yhi * ow].fill(0.0);
+                        if start < end {
+                            row[start..end].copy_from_slice(&plane[(start as isize + shift) as usize..(end as isize + shift) as usize]);
+                        }
+                        if lo > 0 || hi < ow {
+                            for oy in ylo..yhi {
+                                row[oy * ow..oy * ow + lo].fill(0.0);
+                                row[oy * ow + hi..(oy + 1) * ow].fill(0.0);
+                            }
+                        }
                         continue;
                     }
-                    let src = &plane[iy as usize * g.w..][..g.w];
-                    dst[..lo].fill(0.0);
-                    dst[hi..].fill(0.0);
-                    if g.sw == 1 && lo < hi {
-                        let s = (lo as isize + offx) as usize;
-                        dst[lo..hi].copy_from_slice(&src[s..s + (hi - lo)]);
-                    } else {
-                        for ox in lo..hi {
-                            dst[ox] = src[(ox as isize * g.sw as isize + offx) as usize];
+                    for oy in 0..g.oh {
+                        let dst = &mut row[oy * ow..(oy + 1) * ow];
+                        let iy = (oy * g.sh) as isize + offy;
+                        if iy < 0 || iy >= g.h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * g.w..][..g.w];
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        if g.sw == 1 && lo < hi {
+                            let s = (lo as isize + offx) as usize;
+                            dst[lo..hi].copy_from_slice(&src[s..s + (hi - lo)]);
+                        } else {
+                            for ox in lo..hi {
+                                dst[ox] = src[(ox as isize * g.sw as isize + offx) as usize];
+                            }
                         }
                     }
                 }
@@ -105,31 +144,53 @@ fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// Adds `col` (`kdim x oh*ow`) back onto the `cig` input planes it was read from.
-fn col2im(g: &ConvGeom, col: &[f32], x: &mut [f32]) {
-    let (ow, ohw) = (g.ow, g.out_plane());
-    for c in 0..g.cig() {
-        let plane = &mut x[c * g.in_plane()..(c + 1) * g.in_plane()];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = &col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
-                let offx = (kx * g.dw) as isize - g.pl as isize;
-                let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
-                for oy in 0..g.oh {
-                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                    if iy < 0 || iy >= g.h as isize {
+multiversion! {
+    /// Adds `col` (`kdim x oh*ow`) back onto the `cig` input planes it was read from. `col`
+    /// is scratch: its entries for padding positions are zeroed on the way.
+    fn col2im(g: &ConvGeom, col: &mut [f32], x: &mut [f32]) {
+        let (ow, ohw, ihw) = (g.ow, g.out_plane(), g.in_plane());
+        for c in 0..g.cig() {
+            let plane = &mut x[c * ihw..(c + 1) * ihw];
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                    let offx = (kx * g.dw) as isize - g.pl as isize;
+                    let offy = (ky * g.dh) as isize - g.pt as isize;
+                    let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
+                    if flat_shift(g) {
+                        let (ylo, yhi) = valid_range(g.oh, 1, offy, g.h);
+                        if lo > 0 || hi < ow {
+                            for oy in ylo..yhi {
+                                row[oy * ow..oy * ow + lo].fill(0.0);
+                                row[oy * ow + hi..(oy + 1) * ow].fill(0.0);
+                            }
+                        }
+                        let shift = offy * g.w as isize + offx;
+                        let (start, end) = shifted_span(ylo * ow, yhi * ow, shift, ihw);
+                        if start < end {
+                            let dst = &mut plane[(start as isize + shift) as usize..(end as isize + shift) as usize];
+                            for (d, v) in dst.iter_mut().zip(&row[start..end]) {
+                                *d += v;
+                            }
+                        }
                         continue;
                     }
-                    let src = &row[oy * ow..(oy + 1) * ow];
-                    let dst = &mut plane[iy as usize * g.w..][..g.w];
-                    if g.sw == 1 && lo < hi {
-                        let s = (lo as isize + offx) as usize;
-                        for (d, v) in dst[s..s + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
-                            *d += v;
+                    for oy in 0..g.oh {
+                        let iy = (oy * g.sh) as isize + offy;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
                         }
-                    } else {
-                        for ox in lo..hi {
-                            dst[(ox as isize * g.sw as isize + offx) as usize] += src[ox];
+                        let src = &row[oy * ow..(oy + 1) * ow];
+                        let dst = &mut plane[iy as usize * g.w..][..g.w];
+                        if g.sw == 1 && lo < hi {
+                            let s = (lo as isize + offx) as usize;
+                            for (d, v) in dst[s..s + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                                *d += v;
+                            }
+                        } else {
+                            for ox in lo..hi {
+                                dst[(ox as isize * g.sw as isize + offx) as usize] += src[ox];
+                            }
                         }
                     }
                 }
@@ -197,7 +258,7 @@ pub fn backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
                 } else {
                     matmul(kdim, ohw, cog, &mut col, ohw, Mat::rows_t(wg, kdim), Mat::rows(dyg, ohw), 1.0, false, par);
                     dxg.fill(0.0);
-                    col2im(g, &col, dxg);
+                    col2im(g, &mut col, dxg);
                 }
             }
         }
@@ -366,14 +427,14 @@ fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]
 #[inline(always)]
 fn dot32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
-    let mut ia = a.chunks_exact(16);
-    let mut ib = b.chunks_exact(16);
-    for (x, y) in (&mut ia).zip(&mut ib) {
+    let (ca, ra) = a.as_chunks::<16>();
+    let (cb, rb) = b[..a.len()].as_chunks::<16>();
+    for (x, y) in ca.iter().zip(cb) {
         for l in 0..16 {
             acc[l] += x[l] * y[l];
         }
     }
-    let mut s: f32 = ia.remainder().iter().zip(ib.remainder()).map(|(x, y)| x * y).sum();
+    let mut s: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
     for a in acc {
         s += a;
     }
@@ -506,6 +567,12 @@ pub(crate) mod tests {
             let g = ConvGeom { groups, sh, sw: sh, dh, dw: dh, oh, ow, n: 40, ..base.clone() };
             pool.install(|| check(&g, 7));
             check(&g, 8);
+        }
+        // Unit strides with `ow == w` take the shifted-copy im2col; dilated and asymmetric.
+        for (dh, pt, pl, oh) in [(2, 2, 2, 9), (1, 0, 1, 8), (1, 2, 1, 10)] {
+            let g = ConvGeom { n: 3, dh, dw: dh, pt, pl, oh, ow: 11, ..base.clone() };
+            assert!(flat_shift(&g));
+            check(&g, 9);
         }
     }
 

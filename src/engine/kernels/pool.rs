@@ -47,7 +47,16 @@ pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     let (ohw, ihw) = (g.out_plane(), g.in_plane());
     let ph = Phased::new(g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl);
     let group = group_len(g.planes(), ohw * g.kh * g.kw);
+    // Non-overlapping windows without padding (2x2 stride 2 and the like) read each input
+    // once; the phase layout would only add copies.
+    let tiled = g.kh == g.sh && g.kw == g.sw && g.dh == 1 && g.dw == 1 && g.pt == 0 && g.pl == 0 && g.oh * g.kh <= g.h && g.ow * g.kw <= g.w;
     let run_group = |first: usize, ys: &mut [f32], am: &mut [u32]| {
+        if tiled {
+            for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
+                max_plane_tiled(g, &x[(first + i) * ihw..][..ihw], yp, ap);
+            }
+            return;
+        }
         let mut q = vec![0.0; ph.len()];
         let mut best = vec![0.0; ph.run()];
         let mut tap = vec![0u32; ph.run()];
@@ -60,6 +69,28 @@ pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
         run_group(0, y, argmax);
     } else {
         y.par_chunks_mut(chunk).zip(argmax.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ys, am))| run_group(i * group, ys, am));
+    }
+}
+
+multiversion! {
+    fn max_plane_tiled(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let first = oy * g.kh * g.w + ox * g.kw;
+                let (mut best, mut at) = (x[first], first);
+                for ky in 0..g.kh {
+                    let row = (oy * g.kh + ky) * g.w + ox * g.kw;
+                    for (kx, &v) in x[row..row + g.kw].iter().enumerate() {
+                        if v > best {
+                            best = v;
+                            at = row + kx;
+                        }
+                    }
+                }
+                y[oy * g.ow + ox] = best;
+                argmax[oy * g.ow + ox] = at as u32;
+            }
+        }
     }
 }
 
