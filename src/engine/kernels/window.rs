@@ -64,6 +64,7 @@ impl Phased {
     }
 
     /// Splits an input plane into phases, `fill` where the window reads padding.
+    #[inline]
     pub fn scatter_input(&self, x: &[f32], q: &mut [f32], fill: f32) {
         let pl = self.phase_len();
         for a in 0..self.sh {
@@ -98,6 +99,7 @@ impl Phased {
 
     /// Inverse of `scatter_input` for gradients: `dx[r][c]` takes the phase value its input
     /// position maps to (0 where no window reads it).
+    #[inline]
     pub fn gather_input(&self, q: &[f32], dx: &mut [f32]) {
         let pl = self.phase_len();
         for r in 0..self.h {
@@ -108,15 +110,31 @@ impl Phased {
                 row.fill(0.0);
                 continue;
             }
-            for (c, d) in row.iter_mut().enumerate() {
-                let pc = c + self.pl;
-                let (b, j) = (pc % self.sw, pc / self.sw);
-                *d = if j < self.qw { q[(a * self.sw + b) * pl + i * self.qw + j] } else { 0.0 };
+            for b in 0..self.sw {
+                let src = &q[(a * self.sw + b) * pl + i * self.qw..][..self.qw];
+                // Columns c = j*sw + b - pl of this phase; the others belong to other phases.
+                let off = b as isize - self.pl as isize;
+                let (lo, hi) = valid_range(self.qw, self.sw, off, self.w);
+                if self.sw == 1 {
+                    row.fill(0.0);
+                    if lo < hi {
+                        let s = (lo as isize + off) as usize;
+                        row[s..s + hi - lo].copy_from_slice(&src[lo..hi]);
+                    }
+                } else {
+                    if b == 0 {
+                        row.fill(0.0);
+                    }
+                    for j in lo..hi {
+                        row[(j as isize * self.sw as isize + off) as usize] = src[j];
+                    }
+                }
             }
         }
     }
 
     /// Copies the `oh x ow` outputs out of a scratch run.
+    #[inline]
     pub fn extract(&self, run: &[f32], y: &mut [f32]) {
         for oy in 0..self.oh {
             y[oy * self.ow..][..self.ow].copy_from_slice(&run[oy * self.qw..][..self.ow]);
@@ -124,6 +142,7 @@ impl Phased {
     }
 
     /// Lays `oh x ow` outputs (a gradient) out as a scratch run with zero scratch lanes.
+    #[inline]
     pub fn spread(&self, y: &[f32], run: &mut [f32]) {
         for oy in 0..self.oh {
             let row = &mut run[oy * self.qw..][..self.qw];
