@@ -24,10 +24,22 @@ pub fn write_atomic_with(
     };
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".shrink-tmp-")
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".shrink-tmp-");
+    // Temporary files are private (0600) by default; an output gets the permissions of the
+    // file it replaces, or those a plain create would give (0666 less the umask).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = builder
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        // Best effort: a file we may replace but not chmod keeps the default permissions.
+        let _ = tmp.as_file().set_permissions(meta.permissions());
+    }
     {
         let mut buf = std::io::BufWriter::new(tmp.as_file_mut());
         write(&mut buf).with_context(|| format!("cannot write {}", path.display()))?;
@@ -167,6 +179,22 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_write_gives_outputs_ordinary_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.onnx");
+        write_atomic(&p, b"new").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // What a plain create gives (0666 less the umask), not a temporary file's 0600.
+        std::fs::write(dir.path().join("plain"), b"x").unwrap();
+        assert_eq!(mode(&p), mode(&dir.path().join("plain")));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        write_atomic(&p, b"newer").unwrap();
+        assert_eq!(mode(&p), 0o640, "replacing a file keeps its permissions");
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod util;
 
 mod bench;
 mod distill;
+mod durability;
 mod gate;
 mod hostile;
 mod quantize;
