@@ -194,7 +194,9 @@ mod tests {
     use crate::data::{Dataset, Preprocess};
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name)
     }
 
     /// The training loop computes teacher logits once, in batches of 256, instead of per
@@ -205,17 +207,33 @@ mod tests {
     fn teacher_logits_do_not_depend_on_the_batch() {
         let model = Model::load(&fixture("teacher.onnx")).unwrap();
         let mut t = open_teacher(&model).unwrap();
-        let ds = Dataset::open(&fixture("digits_val.npz"), &Preprocess { limit: Some(100), ..Default::default() }, [1, 28, 28]).unwrap();
+        let ds = Dataset::open(
+            &fixture("digits_val.npz"),
+            &Preprocess {
+                limit: Some(100),
+                ..Default::default()
+            },
+            [1, 28, 28],
+        )
+        .unwrap();
         let b = ds.load_all().unwrap();
         let x = Tensor::new(b.shape.to_vec(), b.x).unwrap();
         let whole = t.infer(&x, &[]).unwrap().0;
         for (start, len) in [(0, 64), (36, 64), (0, 32), (33, 67), (32, 1), (10, 7)] {
-            let part = t.infer(&x.batch_slice(start..start + len).unwrap(), &[]).unwrap().0;
+            let part = t
+                .infer(&x.batch_slice(start..start + len).unwrap(), &[])
+                .unwrap()
+                .0;
             let want = &whole.data[start * 10..(start + len) * 10];
             if len >= 32 {
                 assert_eq!(part.data, want, "rows {start}..{}", start + len);
             } else {
-                let d = part.data.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let d = part
+                    .data
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
                 assert!(d < 1e-5, "rows {start}..{}: {d}", start + len);
             }
         }

@@ -173,7 +173,9 @@ multiversion! {
 pub fn forward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], out: &mut [f32]) {
     let (len, _, _) = bc.inner();
     let rows_per = rows_per_task(out.len(), len);
-    par_rows(out, len, rows_per, |first, chunk| forward_rows(op, bc, a, b, first, chunk));
+    par_rows(out, len, rows_per, |first, chunk| {
+        forward_rows(op, bc, a, b, first, chunk)
+    });
 }
 
 /// Gradients of `a op b`: `da` and `db` (when asked for) are overwritten with `dy` times the
