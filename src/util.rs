@@ -104,12 +104,14 @@ fn parse_bytes(v: &str) -> Option<u64> {
 }
 
 fn system_memory_available() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb.saturating_mul(1024))
-    });
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kb| kb.saturating_mul(1024))
+        });
     let read = |p: &str| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
     // cgroup v2, then v1 (whose "no limit" is a huge number, harmless under min).
     let cgroup = match read("/sys/fs/cgroup/memory.max") {
@@ -169,7 +171,8 @@ pub fn ensure_fits_in_memory(bytes: Option<u64>, what: impl FnOnce() -> String) 
 
 /// Product of `dims` times `elem_bytes`, None on overflow.
 pub fn byte_size(dims: impl IntoIterator<Item = u64>, elem_bytes: u64) -> Option<u64> {
-    dims.into_iter().try_fold(elem_bytes, |a, d| a.checked_mul(d))
+    dims.into_iter()
+        .try_fold(elem_bytes, |a, d| a.checked_mul(d))
 }
 
 #[cfg(test)]

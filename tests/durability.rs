@@ -100,11 +100,11 @@ fn distill_args(out: &str, ckpt: &str, extra: &[&str]) -> Vec<String> {
 fn distill_killed_at_random_points_resumes_to_the_same_weights() {
     let d = Dir::new();
     let started = Instant::now();
-    let straight = output(
-        Command::new(bin())
-            .current_dir(d.root())
-            .args(distill_args("straight.onnx", "ck0", &[])),
-    );
+    let straight = output(Command::new(bin()).current_dir(d.root()).args(distill_args(
+        "straight.onnx",
+        "ck0",
+        &[],
+    )));
     assert_eq!(straight.code, 0, "{}", straight.stderr);
     let total = started.elapsed();
     let want = std::fs::read(d.path("straight.onnx")).unwrap();
@@ -153,7 +153,11 @@ fn distill_killed_at_random_points_resumes_to_the_same_weights() {
         // No partial output: the model is absent, or complete because the run had finished.
         let model = d.path(&out);
         if model.exists() {
-            assert_eq!(std::fs::read(&model).unwrap(), want, "{ctx}: a partial model");
+            assert_eq!(
+                std::fs::read(&model).unwrap(),
+                want,
+                "{ctx}: a partial model"
+            );
         }
         // Whatever the kill left at the checkpoint's name is a whole checkpoint (resuming
         // from it checks its contents); stray temporaries are never read.
@@ -239,10 +243,18 @@ fn disk_full_keeps_the_previous_report_and_model() {
 
     let out = with_file_size_limit(&d, 1024, &refs);
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("error: cannot write reports/r.json"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("error: cannot write reports/r.json"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("File too large"), "{}", out.stderr);
     assert_eq!(std::fs::read(d.path("reports/r.json")).unwrap(), previous);
-    assert_eq!(names(&d.path("reports")), ["r.json"], "a temporary file was left behind");
+    assert_eq!(
+        names(&d.path("reports")),
+        ["r.json"],
+        "a temporary file was left behind"
+    );
 
     // A trained model (38 KB) over an older one.
     d.write("m.onnx", std::fs::read(fixture("student.onnx")).unwrap());
@@ -317,8 +329,16 @@ fn disk_full_on_a_full_filesystem_keeps_the_previous_report() {
     let stderr = std::fs::read_to_string(d.path("stderr.txt")).unwrap_or_default();
     assert!(out.stdout.contains("exit=2"), "{}\n{stderr}", out.stdout);
     assert!(stderr.contains("No space left on device"), "{stderr}");
-    assert!(out.stdout.contains("previous report intact"), "{}", out.stdout);
-    let listing: Vec<&str> = out.stdout.lines().filter(|l| !l.contains('=') && !l.contains(' ')).collect();
+    assert!(
+        out.stdout.contains("previous report intact"),
+        "{}",
+        out.stdout
+    );
+    let listing: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.contains('=') && !l.contains(' '))
+        .collect();
     assert_eq!(listing, ["fill", "r.json"], "{}", out.stdout);
 }
 
@@ -352,11 +372,16 @@ fn run_refuses_an_output_folder_another_run_holds() {
     let out = d.run(&["run", &r.display().to_string()]);
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(
-        out.stderr.contains("is in use by another `shrink run` (pid 4242)"),
+        out.stderr
+            .contains("is in use by another `shrink run` (pid 4242)"),
         "{}",
         out.stderr
     );
-    assert!(out.stderr.contains("hint: wait for that run to finish"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("hint: wait for that run to finish"),
+        "{}",
+        out.stderr
+    );
     assert!(!d.path("out/bench.json").exists());
     drop(lock);
     let out = d.run(&["run", &r.display().to_string()]);
@@ -379,17 +404,26 @@ fn two_runs_on_one_output_folder_do_not_interleave() {
     let pid = first.id().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::read_to_string(&lock).map_or(true, |s| s.trim() != pid) {
-        assert!(Instant::now() < deadline, "the first run never took the lock");
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took the lock"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let second = d.run(&["run", &r]);
     let first_done = first.try_wait().unwrap().is_some();
     let status = first.wait_with_output().unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     if !first_done {
         assert_eq!(second.code, 2, "{}", second.stderr);
         assert!(
-            second.stderr.contains(&format!("in use by another `shrink run` (pid {pid})")),
+            second
+                .stderr
+                .contains(&format!("in use by another `shrink run` (pid {pid})")),
             "{}",
             second.stderr
         );
@@ -397,7 +431,13 @@ fn two_runs_on_one_output_folder_do_not_interleave() {
     // The first run's report and state are whole and agree.
     let report = std::fs::read_to_string(d.path("out/bench.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&report).unwrap();
-    assert_eq!(v["models"][0]["latency_ms"]["samples"].as_array().unwrap().len(), 20_000);
+    assert_eq!(
+        v["models"][0]["latency_ms"]["samples"]
+            .as_array()
+            .unwrap()
+            .len(),
+        20_000
+    );
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.path("out/.shrink/state.json")).unwrap())
             .unwrap();

@@ -85,7 +85,15 @@ fn train(d: &Dir, data: &str, out: &str, extra: &[&str]) -> Output {
 
 fn quantize(d: &Dir, model: &str, calib: &str, out: &str) -> Output {
     d.run(&[
-        "quantize", model, "--calib", calib, "--out", out, "--threads", "1", "--quiet",
+        "quantize",
+        model,
+        "--calib",
+        calib,
+        "--out",
+        out,
+        "--threads",
+        "1",
+        "--quiet",
     ])
 }
 
@@ -98,7 +106,11 @@ fn assert_finite_model(path: &std::path::Path) {
             Data::F64(v) => v.iter().any(|x| !x.is_finite()),
             _ => false,
         };
-        assert!(!bad, "{} holds a non-finite value in `{name}`", path.display());
+        assert!(
+            !bad,
+            "{} holds a non-finite value in `{name}`",
+            path.display()
+        );
     }
 }
 
@@ -160,7 +172,10 @@ fn nan_loss_from_a_nan_teacher_stops_training_without_a_model() {
     ]);
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("NaN"), "{}", out.stderr);
-    assert!(!d.path("s.onnx").exists(), "a model was written from NaN targets");
+    assert!(
+        !d.path("s.onnx").exists(),
+        "a model was written from NaN targets"
+    );
 }
 
 #[test]
@@ -207,7 +222,12 @@ fn all_zero_calibration_data_warns_and_keeps_scales_finite() {
     let out = quantize(&d, &fixture("student_folded.onnx"), &calib, "q.onnx");
     assert_eq!(out.code, 0, "{}", out.stderr);
     // The input (and every activation downstream of it) is constant: each is named.
-    assert!(out.stderr.contains("is constant (0) on every calibration sample"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("is constant (0) on every calibration sample"),
+        "{}",
+        out.stderr
+    );
     assert_finite_model(&d.path("q.onnx"));
     // The model still runs.
     let bench = d.run(&[
@@ -231,6 +251,11 @@ fn constant_activation_warns_and_keeps_scales_finite() {
     let calib = digits(&d, "flat.npz", 40, 0.7, None);
     let out = quantize(&d, &fixture("student_folded.onnx"), &calib, "q.onnx");
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("is constant (0.7) on every calibration sample"), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("is constant (0.7) on every calibration sample"),
+        "{}",
+        out.stderr
+    );
     assert_finite_model(&d.path("q.onnx"));
 }

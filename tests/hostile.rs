@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use shrink::onnx::proto::{
     attribute_proto::AttributeType, tensor_proto::DataLocation,
-    tensor_shape_proto::dimension::Value as DimValue, tensor_shape_proto::Dimension,
-    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_shape_proto::dimension::Value as DimValue, tensor_shape_proto::Dimension, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
 use crate::util::Dir;
@@ -253,9 +253,15 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
     let ok_y = value("y", &[1, 1, 4, 4]);
 
     // Models.
-    c.insert("model_truncated.onnx", student[..student.len() / 2].to_vec());
+    c.insert(
+        "model_truncated.onnx",
+        student[..student.len() / 2].to_vec(),
+    );
     c.insert("model_empty.onnx", Vec::new());
-    c.insert("model_not_onnx.onnx", b"<html>404 Not Found</html>\n".to_vec());
+    c.insert(
+        "model_not_onnx.onnx",
+        b"<html>404 Not Found</html>\n".to_vec(),
+    );
     c.insert(
         "model_no_opset.onnx",
         ModelProto {
@@ -298,7 +304,10 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
             vec![node("Pad", "pad", &["x", "pads"], &["y"])],
             vec![ok_x.clone()],
             vec![ok_y.clone()],
-            vec![i64_tensor("pads", &[0, 0, 0, 0, 0, 0, 3_000_000, 3_000_000])],
+            vec![i64_tensor(
+                "pads",
+                &[0, 0, 0, 0, 0, 0, 3_000_000, 3_000_000],
+            )],
         )),
     );
     c.insert(
@@ -378,7 +387,12 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
     zero_kernel.attribute.push(ints("kernel_shape", &[0, 0]));
     c.insert(
         "model_zero_kernel.onnx",
-        model(graph(vec![zero_kernel], vec![ok_x.clone()], vec![ok_y.clone()], vec![])),
+        model(graph(
+            vec![zero_kernel],
+            vec![ok_x.clone()],
+            vec![ok_y.clone()],
+            vec![],
+        )),
     );
     c.insert(
         "model_unsupported_op.onnx",
@@ -419,7 +433,11 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
     );
     c.insert(
         "ext_length_beyond.onnx",
-        ext(&[("location", "weights.bin"), ("offset", "8"), ("length", "64")]),
+        ext(&[
+            ("location", "weights.bin"),
+            ("offset", "8"),
+            ("length", "64"),
+        ]),
     );
     c.insert(
         "ext_offset_overflow.onnx",
@@ -461,7 +479,12 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
     });
     c.insert(
         "ext_in_subgraph.onnx",
-        model(graph(vec![hidden], vec![ok_x.clone()], vec![ok_y.clone()], vec![])),
+        model(graph(
+            vec![hidden],
+            vec![ok_x.clone()],
+            vec![ok_y.clone()],
+            vec![],
+        )),
     );
 
     // Datasets (for a model taking 1x28x28 images).
@@ -560,15 +583,16 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
         idx_images(2, 28, 28, &[7; 2 * 784]),
     );
     c.insert("idx_label_claim/labels-idx1-ubyte", idx_labels(2, &[1]));
-    c.insert("images_corrupt/0/a.png", b"\x89PNG\r\n\x1a\n garbage".to_vec());
+    c.insert(
+        "images_corrupt/0/a.png",
+        b"\x89PNG\r\n\x1a\n garbage".to_vec(),
+    );
     c.insert("images_bomb/0/a.png", png_bomb(60_000, 60_000));
 
     // Recipes. Each fails validation: nothing may be written.
     let recipe = |body: &str| -> Vec<u8> {
-        format!(
-            "output: out\ninputs:\n  student: ../../fixtures/student.onnx\nstages:\n{body}"
-        )
-        .into_bytes()
+        format!("output: out\ninputs:\n  student: ../../fixtures/student.onnx\nstages:\n{body}")
+            .into_bytes()
     };
     c.insert(
         "recipe_malformed.yaml",
@@ -635,9 +659,14 @@ fn corpus() -> BTreeMap<&'static str, Vec<u8>> {
     );
     c.insert(
         "recipe_huge_number.yaml",
-        recipe("  bench:\n    models: [${inputs.student}]\n    iterations: 99999999999999999999999\n"),
+        recipe(
+            "  bench:\n    models: [${inputs.student}]\n    iterations: 99999999999999999999999\n",
+        ),
     );
-    c.insert("recipe_not_utf8.yaml", b"output: out\nstages: \xff\xfe\n".to_vec());
+    c.insert(
+        "recipe_not_utf8.yaml",
+        b"output: out\nstages: \xff\xfe\n".to_vec(),
+    );
     c
 }
 
@@ -664,7 +693,10 @@ fn hostile_corpus_matches_its_generator() {
     );
     for f in corpus().keys() {
         let size = std::fs::metadata(dir.join(f)).map_or(0, |m| m.len());
-        assert!(size < 64 * 1024, "{f} is {size} bytes; keep the corpus small");
+        assert!(
+            size < 64 * 1024,
+            "{f} is {size} bytes; keep the corpus small"
+        );
     }
 }
 
@@ -732,7 +764,10 @@ fn run_case(d: &Dir, dir: &Path, command: &str, file: &str) -> crate::util::Outp
     let path = dir.join(file).display().to_string();
     let fixture = |f: &str| repo().join("fixtures").join(f).display().to_string();
     let (student, teacher) = (fixture("student.onnx"), fixture("teacher.onnx"));
-    let (folded, calib) = (fixture("student_folded.onnx"), fixture("digits_small_f32.npz"));
+    let (folded, calib) = (
+        fixture("student_folded.onnx"),
+        fixture("digits_small_f32.npz"),
+    );
     let args: Vec<&str> = match command {
         "inspect" => vec!["inspect", &path],
         "bench" => vec![
@@ -761,10 +796,24 @@ fn run_case(d: &Dir, dir: &Path, command: &str, file: &str) -> crate::util::Outp
         ],
         "run" => vec!["run", &path],
         "quantize" => vec![
-            "quantize", &path, "--calib", &calib, "--out", "q.onnx", "--threads", "1",
+            "quantize",
+            &path,
+            "--calib",
+            &calib,
+            "--out",
+            "q.onnx",
+            "--threads",
+            "1",
         ],
         "quantize-calib" => vec![
-            "quantize", &folded, "--calib", &path, "--out", "q.onnx", "--threads", "1",
+            "quantize",
+            &folded,
+            "--calib",
+            &path,
+            "--out",
+            "q.onnx",
+            "--threads",
+            "1",
         ],
         "distill" => vec![
             "distill",
@@ -819,7 +868,11 @@ fn hostile_inputs_fail_with_exit_2_and_their_error() {
             || *name == "ext_ok.onnx";
         assert!(covered, "{name} has no line in MANIFEST");
     }
-    assert_eq!(listing(d.root()), before, "a hostile input made shrink write a file");
+    assert_eq!(
+        listing(d.root()),
+        before,
+        "a hostile input made shrink write a file"
+    );
 }
 
 #[test]
@@ -841,16 +894,31 @@ fn hostile_external_data_symlink_out_of_folder() {
     std::os::unix::fs::symlink(outside.join("secret"), dir.join("weights.bin")).unwrap();
     let out = d.run(&["inspect", &dir.join("ext_ok.onnx").display().to_string()]);
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("leads outside the model's folder"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("leads outside the model's folder"),
+        "{}",
+        out.stderr
+    );
     // A link to a folder outside, with the data file below it.
     std::fs::remove_file(dir.join("weights.bin")).unwrap();
     std::fs::write(outside.join("weights.bin"), [0u8; 64]).unwrap();
     std::os::unix::fs::symlink(&outside, dir.join("sub")).unwrap();
-    let m = with_weight(external("w", &[1, 1, 4, 4], &[("location", "sub/weights.bin")]));
+    let m = with_weight(external(
+        "w",
+        &[1, 1, 4, 4],
+        &[("location", "sub/weights.bin")],
+    ));
     std::fs::write(dir.join("via_folder_link.onnx"), m).unwrap();
-    let out = d.run(&["inspect", &dir.join("via_folder_link.onnx").display().to_string()]);
+    let out = d.run(&[
+        "inspect",
+        &dir.join("via_folder_link.onnx").display().to_string(),
+    ]);
     assert_eq!(out.code, 2, "{}", out.stderr);
-    assert!(out.stderr.contains("leads outside the model's folder"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("leads outside the model's folder"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -890,12 +958,24 @@ fn hostile_resize_flag_beyond_memory() {
     let student = repo().join("fixtures/student.onnx").display().to_string();
     let images = repo().join("fixtures/digits_png").display().to_string();
     let out = d.run(&[
-        "bench", &student, "--data", &images, "--resize", "1000000", "--limit", "1",
-        "--no-memory", "--iterations", "1", "--warmup", "0",
+        "bench",
+        &student,
+        "--data",
+        &images,
+        "--resize",
+        "1000000",
+        "--limit",
+        "1",
+        "--no-memory",
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
     ]);
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(
-        out.stderr.contains("--resize 1000000 (a 1000000x1000000 image) declares"),
+        out.stderr
+            .contains("--resize 1000000 (a 1000000x1000000 image) declares"),
         "{}",
         out.stderr
     );

@@ -303,3 +303,30 @@ fn equalization_keeps_the_float_function() {
     assert_eq!(ag.top1_agreement, 1.0);
     assert!(ag.max_abs_diff < 1e-4, "{}", ag.max_abs_diff);
 }
+
+#[test]
+fn qoperator_format_runs_in_ort_and_tract() {
+    let d = Dir::new();
+    let out = quantize(
+        &d,
+        &fixture("teacher.onnx"),
+        "q.onnx",
+        &["--format", "qoperator", "--report", "q.json"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let m = shrink::onnx::Model::load(&d.path("q.onnx")).unwrap();
+    // Six Convs, and the classifier Gemm as a 1x1 QLinearConv.
+    assert_eq!(
+        m.graph
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "QLinearConv")
+            .count(),
+        7
+    );
+    let float = top1(&d, &fixture("teacher.onnx"), "ort");
+    for backend in ["ort", "tract"] {
+        let acc = top1(&d, "q.onnx", backend);
+        assert!(float - acc <= 0.005, "{backend}: {acc} vs float {float}");
+    }
+}

@@ -9,3 +9,4 @@ mod faults;
 mod gate;
 mod hostile;
 mod quantize;
+mod recipes;

@@ -43,8 +43,8 @@ fuzz_target!(|input: Input| {
     }
     // Round trip: the IR written back reads as the same graph.
     let written = graph.to_proto(None);
-    let again = shrink::onnx::Graph::from_proto(&written)
-        .expect("a graph the IR wrote must read back");
+    let again =
+        shrink::onnx::Graph::from_proto(&written).expect("a graph the IR wrote must read back");
     assert_eq!(
         again.to_proto(None).encode_to_vec(),
         written.encode_to_vec(),

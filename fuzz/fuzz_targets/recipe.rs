@@ -18,7 +18,14 @@ fn recipe_dir() -> &'static PathBuf {
         std::fs::create_dir_all(dir.join("out")).unwrap();
         std::fs::create_dir_all(dir.join("images/0")).unwrap();
         std::fs::create_dir_all(&outside).unwrap();
-        for f in ["m.onnx", "teacher.onnx", "student.onnx", "d.npz", "val.npz", "baseline.json"] {
+        for f in [
+            "m.onnx",
+            "teacher.onnx",
+            "student.onnx",
+            "d.npz",
+            "val.npz",
+            "baseline.json",
+        ] {
             std::fs::write(dir.join(f), b"x").unwrap();
         }
         #[cfg(unix)]

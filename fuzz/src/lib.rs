@@ -12,9 +12,9 @@ use std::sync::OnceLock;
 use arbitrary::Arbitrary;
 use shrink::onnx::proto::{
     attribute_proto::AttributeType, tensor_proto::DataLocation,
-    tensor_shape_proto::dimension::Value as DimValue, tensor_shape_proto::Dimension,
-    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_shape_proto::dimension::Value as DimValue, tensor_shape_proto::Dimension, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 
 /// Caps what shrink may allocate for one tensor while fuzzing, well under libFuzzer's
@@ -76,8 +76,8 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 const NAMES: &[&str] = &[
-    "x", "w", "b", "y", "t0", "t1", "t2", "t3", "t4", "t5", "shape", "axes", "scale", "zp",
-    "mean", "var", "",
+    "x", "w", "b", "y", "t0", "t1", "t2", "t3", "t4", "t5", "shape", "axes", "scale", "zp", "mean",
+    "var", "",
 ];
 
 /// A value name from a small pool, so that nodes connect to each other.
@@ -90,7 +90,14 @@ impl Name {
     }
 }
 
-const EXTRA_OPS: &[&str] = &["Constant", "Upsample", "If", "Loop", "QLinearConv", "NoSuchOp"];
+const EXTRA_OPS: &[&str] = &[
+    "Constant",
+    "Upsample",
+    "If",
+    "Loop",
+    "QLinearConv",
+    "NoSuchOp",
+];
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub struct Op(u8);

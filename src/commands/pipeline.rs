@@ -66,10 +66,6 @@ fn quantize_args(q: &QuantizeOptions) -> Result<QuantizeArgs> {
         .as_ref()
         .context("the quantize stage needs `calibration: { data: ... }`")?;
     anyhow::ensure!(
-        q.format == QuantFormat::Qdq,
-        "format `qoperator` is not available in this build of shrink; use `qdq`"
-    );
-    anyhow::ensure!(
         q.precision == Precision::Int8,
         "precision `fp16` is not available in this build of shrink; use `int8`"
     );
@@ -83,6 +79,10 @@ fn quantize_args(q: &QuantizeOptions) -> Result<QuantizeArgs> {
         activation_type: match q.activation_type {
             A::U8 => super::quantize::ActivationType::U8,
             A::I8 => super::quantize::ActivationType::I8,
+        },
+        format: match q.format {
+            QuantFormat::Qdq => super::quantize::Format::Qdq,
+            QuantFormat::Qoperator => super::quantize::Format::Qoperator,
         },
         target: match q.target {
             T::Ort => crate::quant::qdq::QuantTarget::Ort,
@@ -124,6 +124,14 @@ impl StageExecutor for ShrinkExecutor {
                 print!("{}", crate::bench::render::markdown(&report));
                 Ok(StageResult::done(vec![]))
             }
+            StageOptions::Distill(o) => {
+                super::distill::run_with(&super::distill::distill_options(o), &[], None)?;
+                Ok(StageResult::done(vec![]))
+            }
+            StageOptions::Train(o) => {
+                super::distill::run_with(&super::distill::train_options(o), &[], None)?;
+                Ok(StageResult::done(vec![]))
+            }
             StageOptions::Quantize(q) => {
                 super::quantize::run_quantize(&quantize_args(q)?)?;
                 Ok(StageResult::done(vec![]))
@@ -146,11 +154,6 @@ impl StageExecutor for ShrinkExecutor {
                 let status = super::gate::gate_with_budgets(&args, &budgets_of(g)?)?;
                 Ok(StageResult::gate(status == ExitStatus::Success))
             }
-            other => Err(anyhow::anyhow!(
-                "the `{}` stage is not available in this build of shrink",
-                other.kind().name()
-            ))
-            .context(format!("cannot run stage {}", stage.kind.name())),
         }
     }
 }

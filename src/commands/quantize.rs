@@ -27,6 +27,13 @@ pub enum ActivationType {
     I8,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Qdq,
+    Qoperator,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct QuantizeArgs {
     /// The float ONNX model.
@@ -49,6 +56,10 @@ pub struct QuantizeArgs {
     pub per_tensor: bool,
     #[arg(long, value_enum, default_value_t = ActivationType::U8)]
     pub activation_type: ActivationType,
+    /// Output form: QuantizeLinear/DequantizeLinear pairs around float ops (qdq), or integer
+    /// operators QLinearConv/QLinearMatMul (qoperator).
+    #[arg(long, value_enum, default_value_t = Format::Qdq)]
+    pub format: Format,
     /// The runtime the model is meant for; applies its rules (symmetry, which ops).
     #[arg(long, value_enum, default_value_t = QuantTarget::Ort)]
     pub target: QuantTarget,
@@ -205,6 +216,7 @@ struct FullReport<'a> {
     accuracy_after_top1: Option<f64>,
     accuracy_drop_pts: Option<f64>,
     kept_float_for_accuracy: Vec<String>,
+    qoperator: Option<crate::quant::qoperator::QOperatorReport>,
     /// Filled by the accuracy-aware search: output SQNR with only that layer quantized.
     sensitivity: Vec<Sensitivity>,
     #[serde(flatten)]
@@ -334,6 +346,18 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         before = Some(b);
         after = Some(a);
     }
+    let mut qoperator = None;
+    if args.format == Format::Qoperator {
+        let (m, r) = crate::quant::qoperator::to_qoperator(&qmodel)
+            .context("cannot convert the quantized model to QOperator form")?;
+        crate::printer::info(format!(
+            "QOperator: {} nodes became QLinear operators, {} float islands stay between QuantizeLinear/DequantizeLinear",
+            r.converted.len(),
+            r.qdq_islands.len()
+        ));
+        qmodel = m;
+        qoperator = Some(r);
+    }
     qmodel
         .save(&args.out)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
@@ -354,6 +378,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         accuracy_after_top1: after,
         accuracy_drop_pts: before.zip(after).map(|(b, a)| (b - a) * 100.0),
         kept_float_for_accuracy: kept,
+        qoperator,
         sensitivity: sensitivities,
         quant: &report,
     };

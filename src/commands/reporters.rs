@@ -91,7 +91,10 @@ impl crate::distill::train::Progress for BarReporter {
         BarReporter::advance(self, samples)
     }
     fn status(&self, loss: f64, acc: f64, samples_per_s: f64) {
-        self.message(format!("loss {loss:.4}  acc {:.1}%  {samples_per_s:.0} samples/s", acc * 100.0))
+        self.message(format!(
+            "loss {loss:.4}  acc {:.1}%  {samples_per_s:.0} samples/s",
+            acc * 100.0
+        ))
     }
     fn finish(&self) {
         self.done()

@@ -396,8 +396,7 @@ pub fn read_npz_array(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)>
     let e = entry(&mut archive, &format!("{name}.npy"))?
         .with_context(|| format!("{} has no array `{name}`", path.display()))?;
     let mut r = open_entry(path, e)?;
-    let h = read_header(&mut r)
-        .with_context(|| format!("array `{name}` in {}", path.display()))?;
+    let h = read_header(&mut r).with_context(|| format!("array `{name}` in {}", path.display()))?;
     let bytes = check_claim(&h, &e, name, path)?;
     crate::util::ensure_fits_in_memory(Some(bytes), || {
         format!("array `{name}` in {}", path.display())

@@ -4,6 +4,9 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
+use std::sync::Arc;
+
+use super::buffers::Buffers;
 use super::kernels::{act, binary, bn, conv, layout, matmul, pool, reduce, softmax};
 use super::net::{source, Forward, Mode, Net, Saved};
 use super::plan::{Op, Src, Step};
@@ -15,6 +18,18 @@ pub struct GradStore {
     names: Vec<String>,
     grads: Vec<Option<Tensor>>,
     inputs: Vec<(String, Tensor)>,
+    bufs: Option<Arc<Buffers>>,
+}
+
+impl Drop for GradStore {
+    /// Hands the buffers back to the net for the next step.
+    fn drop(&mut self) {
+        if let Some(b) = &self.bufs {
+            for t in self.grads.drain(..).flatten() {
+                b.give(t.data);
+            }
+        }
+    }
 }
 
 impl GradStore {
@@ -41,12 +56,13 @@ impl GradStore {
     }
 }
 
-fn add_into(slot: &mut Option<Tensor>, g: Tensor) {
+fn add_into(slot: &mut Option<Tensor>, g: Tensor, bufs: &Buffers) {
     match slot {
         Some(acc) => {
             for (a, b) in acc.data.iter_mut().zip(&g.data) {
                 *a += b;
             }
+            bufs.give(g.data);
         }
         None => *slot = Some(g),
     }
@@ -59,6 +75,7 @@ pub(crate) fn backward(
     want_inputs: bool,
 ) -> Result<GradStore> {
     let plan = &fwd.plan;
+    let bufs: &Buffers = net.buffers();
     let params = net.params();
     let trainable = net.trainable_mask();
     // Which values carry a gradient somebody wants: downstream of a trainable parameter
@@ -95,16 +112,17 @@ pub(crate) fn backward(
             "the gradient given for `{name}` has shape {:?}, but the value has shape {shape:?}",
             g.shape
         );
-        add_into(&mut grads[v], (*g).clone());
+        add_into(&mut grads[v], bufs.copy_of(g), bufs);
     }
     let mut pgrads: Vec<Option<Tensor>> = vec![None; params.len()];
     for (i, step) in plan.steps.iter().enumerate().rev() {
-        let dys: Vec<Option<Tensor>> = step.outputs.iter().map(|&o| grads[o].take()).collect();
+        let mut dys: Vec<Option<Tensor>> = step.outputs.iter().map(|&o| grads[o].take()).collect();
         if dys.iter().all(Option::is_none) {
             continue;
         }
         let need: Vec<bool> = step.inputs.iter().map(|s| src_needs(s, &needs)).collect();
         if !need.iter().any(|&n| n) {
+            dys.into_iter().flatten().for_each(|t| bufs.give(t.data));
             continue;
         }
         let ins: Vec<&Tensor> = step
@@ -117,14 +135,24 @@ pub(crate) fn backward(
             .iter()
             .map(|&o| fwd.values[o].as_ref().expect("forward values are kept"))
             .collect();
-        let dins = step_backward(step, &fwd.saved[i], fwd.mode, &ins, &outs, dys, &need)
-            .with_context(|| format!("backward of node `{}` ({})", step.node, step.op_type))?;
+        let dins = step_backward(
+            step,
+            &fwd.saved[i],
+            fwd.mode,
+            &ins,
+            &outs,
+            &mut dys,
+            &need,
+            bufs,
+        )
+        .with_context(|| format!("backward of node `{}` ({})", step.node, step.op_type))?;
+        dys.into_iter().flatten().for_each(|t| bufs.give(t.data));
         for ((src, d), n) in step.inputs.iter().zip(dins).zip(&need) {
-            let (Some(d), true) = (d, *n) else { continue };
-            match *src {
-                Src::Val(v) => add_into(&mut grads[v], d),
-                Src::Param(p) => add_into(&mut pgrads[p], d),
-                _ => {}
+            let Some(d) = d else { continue };
+            match (*src, *n) {
+                (Src::Val(v), true) => add_into(&mut grads[v], d, bufs),
+                (Src::Param(p), true) => add_into(&mut pgrads[p], d, bufs),
+                _ => bufs.give(d.data),
             }
         }
     }
@@ -137,10 +165,13 @@ pub(crate) fn backward(
             inputs.push((name.clone(), g));
         }
     }
+    grads.into_iter().flatten().for_each(|t| bufs.give(t.data));
     // Frozen parameters never get a gradient, even when they feed a step that computes one.
     for (g, &t) in pgrads.iter_mut().zip(trainable) {
         if !t {
-            *g = None;
+            if let Some(g) = g.take() {
+                bufs.give(g.data);
+            }
         }
     }
     Ok(GradStore {
@@ -149,33 +180,38 @@ pub(crate) fn backward(
             .collect(),
         grads: pgrads,
         inputs,
+        bufs: Some(net.buffers().clone()),
     })
-}
-
-fn zeros_like(t: &Tensor) -> Tensor {
-    Tensor::zeros(&t.shape)
 }
 
 /// Input gradients of one step, `None` where not needed. `dys` holds the output gradients
 /// (`None` for outputs nothing downstream depends on).
+///
+/// Buffers for results come from `bufs` with stale contents: every kernel used here writes
+/// all of its output. Output gradients left in `dys` go back to `bufs` afterwards.
+#[allow(clippy::too_many_arguments)]
 fn step_backward(
     step: &Step,
     saved: &Saved,
     mode: Mode,
     ins: &[&Tensor],
     outs: &[&Tensor],
-    mut dys: Vec<Option<Tensor>>,
+    dys: &mut [Option<Tensor>],
     need: &[bool],
+    bufs: &Buffers,
 ) -> Result<Vec<Option<Tensor>>> {
     let x = ins[0];
     let n_in = ins.len();
     let mut res: Vec<Option<Tensor>> = vec![None; n_in];
-    let single = |dys: &mut Vec<Option<Tensor>>| -> Tensor {
-        dys[0].take().unwrap_or_else(|| zeros_like(outs[0]))
-    };
+    let zeros_like = |t: &Tensor| bufs.tensor(&t.shape);
+    if dys.len() == 1 && dys[0].is_none() {
+        dys[0] = Some(bufs.zeros_tensor(&outs[0].shape));
+    }
+    // The output gradient of single-output ops, borrowed or (for in-place ops) taken.
+    let single = |dys: &mut [Option<Tensor>]| -> Tensor { dys[0].take().expect("set above") };
     match &step.op {
         Op::Conv { geom, bias } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             if need[0] {
                 let mut dx = zeros_like(x);
                 conv::backward_data(geom, &dy.data, &ins[1].data, &mut dx.data);
@@ -194,7 +230,7 @@ fn step_backward(
         }
         Op::ConvTranspose { geom, bias } => {
             // `geom` maps this op's output space to its input space, so the roles swap.
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             if need[0] {
                 let mut dx = zeros_like(x);
                 conv::forward(geom, &dy.data, &ins[1].data, None, &mut dx.data);
@@ -212,7 +248,7 @@ fn step_backward(
             }
         }
         Op::BatchNorm { geom, eps, .. } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let (mut dg, mut db) = (zeros_like(ins[1]), zeros_like(ins[2]));
             let mut dx = need[0].then(|| zeros_like(x));
             match (mode, saved) {
@@ -252,7 +288,7 @@ fn step_backward(
         | Op::HardSigmoid { .. }
         | Op::HardSwish
         | Op::Tanh => {
-            let mut g = single(&mut dys);
+            let mut g = single(dys);
             act::backward_in_place(
                 step.op.act().context("an activation")?,
                 &x.data,
@@ -263,7 +299,7 @@ fn step_backward(
         }
         Op::Add(bc) | Op::Sub(bc) | Op::Mul(bc) | Op::Div(bc) => {
             let (kind, _) = step.op.binary().context("a binary op")?;
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut da = need[0].then(|| zeros_like(ins[0]));
             let mut db = need[1].then(|| zeros_like(ins[1]));
             binary::backward(
@@ -279,7 +315,7 @@ fn step_backward(
             res[1] = db;
         }
         Op::MaxPool(g) => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let Saved::MaxPool { argmax } = saved else {
                 bail!("the forward pass kept no argmax")
             };
@@ -291,19 +327,19 @@ fn step_backward(
             geom,
             count_include_pad,
         } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
             pool::avg_backward(geom, *count_include_pad, &dy.data, &mut dx.data);
             res[0] = Some(dx);
         }
         Op::GlobalAveragePool { planes, plane } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
             pool::global_avg_backward(*planes, *plane, &dy.data, &mut dx.data);
             res[0] = Some(dx);
         }
         Op::Gemm(g) => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut da = need[0].then(|| zeros_like(ins[0]));
             let mut db = need[1].then(|| zeros_like(ins[1]));
             let mut dc = (n_in > 2 && need[2]).then(|| zeros_like(ins[2]));
@@ -323,7 +359,7 @@ fn step_backward(
             }
         }
         Op::MatMul(g) => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut da = need[0].then(|| zeros_like(ins[0]));
             let mut db = need[1].then(|| zeros_like(ins[1]));
             matmul::matmul_backward(
@@ -338,14 +374,14 @@ fn step_backward(
             res[1] = db;
         }
         Op::Reshape { .. } => {
-            let dy = single(&mut dys);
+            let dy = single(dys);
             res[0] = Some(Tensor {
                 shape: x.shape.clone(),
                 data: dy.data,
             });
         }
         Op::Transpose { in_shape, perm } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut inv = vec![0; perm.len()];
             for (i, &p) in perm.iter().enumerate() {
                 inv[p] = i;
@@ -356,7 +392,7 @@ fn step_backward(
             res[0] = Some(dx);
         }
         Op::Concat { outer, inner } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut parts: Vec<Tensor> = ins.iter().map(|t| zeros_like(t)).collect();
             let mut refs: Vec<&mut [f32]> =
                 parts.iter_mut().map(|t| t.data.as_mut_slice()).collect();
@@ -366,30 +402,33 @@ fn step_backward(
             }
         }
         Op::Split { outer, inner } => {
-            let parts: Vec<Tensor> = dys
-                .into_iter()
-                .zip(outs)
-                .map(|(d, o)| d.unwrap_or_else(|| zeros_like(o)))
+            for (d, o) in dys.iter_mut().zip(outs) {
+                if d.is_none() {
+                    *d = Some(bufs.zeros_tensor(&o.shape));
+                }
+            }
+            let refs: Vec<&[f32]> = dys
+                .iter()
+                .map(|t| t.as_ref().expect("filled above").data.as_slice())
                 .collect();
-            let refs: Vec<&[f32]> = parts.iter().map(|t| t.data.as_slice()).collect();
             let mut dx = zeros_like(x);
             layout::concat(&refs, *outer, inner, &mut dx.data);
             res[0] = Some(dx);
         }
         Op::Slice { in_shape, ranges } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
             layout::slice_backward(&dy.data, in_shape, ranges, &mut dx.data);
             res[0] = Some(dx);
         }
         Op::Pad { in_shape, pads, .. } => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
             layout::pad_backward(&dy.data, in_shape, pads, &mut dx.data);
             res[0] = Some(dx);
         }
         Op::Softmax(g) | Op::LogSoftmax(g) => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
             softmax::backward(
                 g,
@@ -401,7 +440,7 @@ fn step_backward(
             res[0] = Some(dx);
         }
         Op::Dropout { .. } => {
-            let mut g = single(&mut dys);
+            let mut g = single(dys);
             if let Saved::Dropout { mask } = saved {
                 for (d, m) in g.data.iter_mut().zip(mask) {
                     *d *= m;
@@ -410,7 +449,7 @@ fn step_backward(
             res[0] = Some(g);
         }
         Op::ReduceMean(g) => {
-            let dy = single(&mut dys);
+            let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
             reduce::mean_backward(g, &dy.data, &mut dx.data);
             res[0] = Some(dx);

@@ -6,10 +6,12 @@
 //! back in place); no Rust crate trains an arbitrary ONNX graph.
 
 pub mod backprop;
+mod buffers;
 pub mod kernels;
 pub mod linalg;
 pub mod net;
 pub mod plan;
+mod simd;
 pub mod tensor;
 #[cfg(test)]
 mod tests;

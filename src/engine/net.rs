@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, RngCore};
 
 use super::backprop::{self, GradStore};
+use super::buffers::Buffers;
 use super::kernels::{act, binary, bn, conv, layout, matmul, pool, quant, reduce, softmax};
 use super::plan::{self, Op, Plan, Roles, Src, Step};
 use super::Tensor;
@@ -103,6 +104,23 @@ pub struct Forward {
     pub(crate) mode: Mode,
     pub(crate) values: Vec<Option<Tensor>>,
     pub(crate) saved: Vec<Saved>,
+    bufs: Arc<Buffers>,
+}
+
+impl Drop for Forward {
+    /// Hands the buffers back to the net for the next step.
+    fn drop(&mut self) {
+        for t in self.values.drain(..).flatten() {
+            self.bufs.give(t.data);
+        }
+        for s in self.saved.drain(..) {
+            match s {
+                Saved::MaxPool { argmax } => self.bufs.give_u32(argmax),
+                Saved::Dropout { mask } => self.bufs.give(mask),
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Forward {
@@ -130,6 +148,17 @@ impl Forward {
             _ => None,
         }
     }
+    /// The graph outputs, moved out (in the graph's order).
+    pub fn into_outputs(mut self) -> Vec<Tensor> {
+        let plan = self.plan.clone();
+        plan.outputs
+            .iter()
+            .filter_map(|(_, s)| match s {
+                Src::Val(v) => self.values[*v].take(),
+                _ => None,
+            })
+            .collect()
+    }
     /// Names of all values this pass computed, in execution order.
     pub fn value_names(&self) -> impl Iterator<Item = &str> {
         self.plan.values.iter().map(|(n, _)| n.as_str())
@@ -147,6 +176,7 @@ pub struct Net {
     plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
     /// Nodes without a backward pass that lie downstream of a parameter.
     no_backward: Vec<String>,
+    bufs: Arc<Buffers>,
 }
 
 impl Net {
@@ -177,6 +207,7 @@ impl Net {
             state,
             plans: Mutex::new(HashMap::new()),
             no_backward: Vec::new(),
+            bufs: Arc::default(),
         };
         // Plan once with batch 1 so unsupported ops and attributes fail now.
         let shapes = onnx::shape::input_shapes(&net.graph, 1)?;
@@ -248,6 +279,10 @@ impl Net {
 
     pub(crate) fn trainable_mask(&self) -> &[bool] {
         &self.trainable
+    }
+
+    pub(crate) fn buffers(&self) -> &Arc<Buffers> {
+        &self.bufs
     }
 
     /// Names of the graph inputs, in order.
@@ -379,7 +414,7 @@ impl Net {
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| *t)
                 .context("input was checked")?;
-            values[*slot] = Some(t.clone());
+            values[*slot] = Some(self.bufs.copy_of(t));
         }
         let mut saved = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
@@ -394,7 +429,7 @@ impl Net {
                     .iter()
                     .map(|&o| plan.values[o].1.as_slice())
                     .collect();
-                run_step(step, &ins, &shapes, mode, rng)
+                run_step(step, &ins, &shapes, mode, rng, &self.bufs)
                     .with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
             };
             if let Some((mean, var)) = running {
@@ -410,6 +445,7 @@ impl Net {
             mode,
             values,
             saved,
+            bufs: self.bufs.clone(),
         })
     }
 
@@ -464,7 +500,7 @@ impl Net {
         let mut values: Vec<Option<Tensor>> = vec![None; plan.values.len()];
         let slot = plan.inputs[0].1;
         observe(&name, input)?;
-        values[slot] = Some(input.clone());
+        values[slot] = Some(self.bufs.copy_of(input));
         // Evaluation mode draws nothing; the generator only satisfies the signature.
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         for (i, step) in plan.steps.iter().enumerate() {
@@ -479,7 +515,7 @@ impl Net {
                     .iter()
                     .map(|&o| plan.values[o].1.as_slice())
                     .collect();
-                run_step(step, &ins, &shapes, Mode::Eval, &mut rng)
+                run_step(step, &ins, &shapes, Mode::Eval, &mut rng, &self.bufs)
                     .with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
             };
             for (&o, t) in step.outputs.iter().zip(outs) {
@@ -492,7 +528,9 @@ impl Net {
             for src in &step.inputs {
                 if let Src::Val(v) = src {
                     if plan.last_use[*v] == i {
-                        values[*v] = None;
+                        if let Some(t) = values[*v].take() {
+                            self.bufs.give(t.data);
+                        }
                     }
                 }
             }
@@ -571,13 +609,6 @@ fn downstream_without_backward(plan: &Plan, roles: &Roles) -> Vec<String> {
     out
 }
 
-fn out_tensor(shape: &[usize]) -> Tensor {
-    Tensor {
-        shape: shape.to_vec(),
-        data: vec![0.0; shape.iter().product()],
-    }
-}
-
 type StepResult = (Vec<Tensor>, Saved, Option<(Vec<f32>, Vec<f32>)>);
 
 /// Runs one step's forward kernel. Returns the outputs, what backward needs, and for
@@ -588,9 +619,11 @@ fn run_step(
     out_shapes: &[&[usize]],
     mode: Mode,
     rng: &mut dyn RngCore,
+    bufs: &Buffers,
 ) -> Result<StepResult> {
     let x = ins[0];
-    let y0 = || out_tensor(out_shapes[0]);
+    // Every kernel below writes all of its output, so stale buffer contents never leak.
+    let y0 = || bufs.tensor(out_shapes[0]);
     let mut saved = Saved::None;
     let mut running = None;
     let outs = match &step.op {
@@ -674,7 +707,7 @@ fn run_step(
         }
         Op::MaxPool(g) => {
             let mut y = y0();
-            let mut argmax = vec![0u32; y.data.len()];
+            let mut argmax = bufs.take_u32(y.data.len());
             pool::max_forward(g, &x.data, &mut y.data, &mut argmax);
             saved = Saved::MaxPool { argmax };
             vec![y]
@@ -708,10 +741,11 @@ fn run_step(
             matmul::matmul_forward(g, &x.data, &ins[1].data, &mut y.data);
             vec![y]
         }
-        Op::Reshape { .. } => vec![Tensor {
-            shape: out_shapes[0].to_vec(),
-            data: x.data.clone(),
-        }],
+        Op::Reshape { .. } => {
+            let mut y = y0();
+            y.data.copy_from_slice(&x.data);
+            vec![y]
+        }
         Op::Transpose { in_shape, perm } => {
             let mut y = y0();
             layout::transpose(&x.data, in_shape, perm, &mut y.data);
@@ -724,7 +758,7 @@ fn run_step(
             vec![y]
         }
         Op::Split { outer, inner } => {
-            let mut outs: Vec<Tensor> = out_shapes.iter().map(|s| out_tensor(s)).collect();
+            let mut outs: Vec<Tensor> = out_shapes.iter().map(|s| bufs.tensor(s)).collect();
             let mut refs: Vec<&mut [f32]> =
                 outs.iter_mut().map(|o| o.data.as_mut_slice()).collect();
             layout::split(&x.data, *outer, inner, &mut refs);
@@ -757,23 +791,26 @@ fn run_step(
         Op::Dropout { ratio } => match mode {
             Mode::Train if *ratio > 0.0 => {
                 let keep = 1.0 / (1.0 - ratio);
-                let mask: Vec<f32> = (0..x.data.len())
-                    .map(|_| {
-                        if rng.random::<f32>() < *ratio {
-                            0.0
-                        } else {
-                            keep
-                        }
-                    })
-                    .collect();
-                let y = Tensor {
-                    shape: x.shape.clone(),
-                    data: x.data.iter().zip(&mask).map(|(a, m)| a * m).collect(),
-                };
+                let mut mask = bufs.take(x.data.len());
+                for m in mask.iter_mut() {
+                    *m = if rng.random::<f32>() < *ratio {
+                        0.0
+                    } else {
+                        keep
+                    };
+                }
+                let mut y = y0();
+                for ((o, a), m) in y.data.iter_mut().zip(&x.data).zip(&mask) {
+                    *o = a * m;
+                }
                 saved = Saved::Dropout { mask };
                 vec![y]
             }
-            _ => vec![x.clone()],
+            _ => {
+                let mut y = y0();
+                y.data.copy_from_slice(&x.data);
+                vec![y]
+            }
         },
         Op::ReduceMean(g) => {
             let mut y = y0();

@@ -435,6 +435,45 @@ fn same_threads_give_bit_identical_steps() {
     let _ = x;
 }
 
+/// Buffers are reused with stale contents; a step after another must equal a fresh one.
+#[test]
+fn reused_buffers_do_not_leak_into_results() {
+    for (file, shape) in [
+        ("student.onnx", [8usize, 1, 28, 28]),
+        ("mbv2_tiny.onnx", [4, 3, 32, 32]),
+    ] {
+        let mut r = super::testutil::rng(5);
+        let n: usize = shape.iter().product();
+        let first =
+            Tensor::new(shape.to_vec(), super::testutil::rand_vec(&mut r, n)).expect("input");
+        let second =
+            Tensor::new(shape.to_vec(), super::testutil::rand_vec(&mut r, n)).expect("input");
+        let labels = [1, 7, 3, 0, 2, 9, 4, 4];
+        let run = |net: &mut Net, x: &Tensor| -> Vec<f32> {
+            let fwd = net.forward(x, Mode::Train, &mut rng()).expect("forward");
+            let (_, d) = cross_entropy(fwd.output(), &labels[..shape[0]]);
+            let g = net
+                .backward_with_inputs(&fwd, &[("logits", &d)])
+                .expect("backward");
+            let mut all = fwd.output().data.clone();
+            all.extend(g.iter().flat_map(|(_, t)| t.data.clone()));
+            all.extend(g.input("input").expect("input gradient").data.clone());
+            all
+        };
+        let mut used = Net::from_model(&load(file)).expect("model");
+        run(&mut used, &first);
+        let again = run(&mut used, &second);
+        let fresh = run(&mut Net::from_model(&load(file)).expect("model"), &second);
+        assert!(
+            again
+                .iter()
+                .zip(&fresh)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{file}: reused buffers changed the result"
+        );
+    }
+}
+
 #[test]
 fn write_back_round_trips() {
     let mut model = load("student.onnx");

@@ -668,9 +668,9 @@ fn infer_node(node: &Node, s: &mut Shapes) -> Result<()> {
                         );
                     }
                 }
-                out[ax] = out[ax].checked_add(sh[ax]).with_context(|| {
-                    node.unsupported("the concatenated size overflows")
-                })?;
+                out[ax] = out[ax]
+                    .checked_add(sh[ax])
+                    .with_context(|| node.unsupported("the concatenated size overflows"))?;
             }
             let cs: Option<Vec<Vec<i64>>> = node
                 .inputs
@@ -1150,7 +1150,10 @@ mod tests {
     #[test]
     fn size_arithmetic_overflow_is_an_error() {
         let mut pad = node("Pad", &["x"], &["y"]);
-        pad.attributes.push(crate::onnx::ir::make_attr_ints("pads", vec![0, i64::MAX, 0, 1]));
+        pad.attributes.push(crate::onnx::ir::make_attr_ints(
+            "pads",
+            vec![0, i64::MAX, 0, 1],
+        ));
         assert!(infer_one(pad, &[("x", vec![2, 2])]).is_err());
         // Valid and empty, but the product of the other axes overflows.
         let flat = node("Flatten", &["x"], &["y"]);

@@ -18,5 +18,10 @@ pub use arith::{
 pub use calib::{Histogram, Method, RangeOptions, Selection, Target, TensorStats};
 pub use equalize::{bias_correction, equalize, ChannelMeans, Weight};
 
+mod patch;
 pub mod prepare;
 pub mod qdq;
+pub mod qoperator;
+
+#[cfg(test)]
+mod testutil;

@@ -503,6 +503,9 @@ fn build_qdq(
     let act = opts.activation_target();
     let g = &mut m.graph;
     let graph_inputs: HashSet<String> = g.inputs.iter().map(|v| v.name.clone()).collect();
+    // A quantized graph input is read through a renamed DequantizeLinear output; biases look
+    // up the input's parameters under its original name.
+    let mut original_name: HashMap<String, String> = HashMap::new();
     let mut new_nodes = Vec::new();
     // Short generated names: on small models, names repeated per Q/DQ pair are a visible
     // share of the file; the original tensor names stay on the dequantized values.
@@ -520,6 +523,7 @@ fn build_qdq(
         let (src, dst) = if graph_inputs.contains(t) {
             let dq = g.fresh_name(&format!("a{k}_dq"));
             super::prepare::rename_uses(g, t, &dq);
+            original_name.insert(dq.clone(), t.clone());
             (t.clone(), dq)
         } else {
             // The producer writes `t_float`; the DequantizeLinear output keeps the name `t`,
@@ -595,7 +599,8 @@ fn build_qdq(
         g.nodes[i].inputs[1] = deq_name;
         // Bias: int32 with scale = input scale × weight scale, zero point 0.
         let x = n.inputs[0].clone();
-        if let (Some(bname), Some(px)) = (n.input(2).map(str::to_string), params.get(&x)) {
+        let x = original_name.get(&x).unwrap_or(&x);
+        if let (Some(bname), Some(px)) = (n.input(2).map(str::to_string), params.get(x)) {
             let b = g.initializers.get(&bname).cloned();
             if let Some(b) = b.filter(|b| {
                 b.dims.len() == 1 && (!opts.per_channel || b.numel() == pc.scales.len())
@@ -792,5 +797,54 @@ mod tests {
             "{differ} of {} values differ",
             eng.len()
         );
+    }
+}
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+    use crate::quant::testutil::{model, node, value};
+
+    /// Shows the same spread of values for every requested output.
+    struct Synthetic;
+
+    impl Runner for Synthetic {
+        fn run(
+            &mut self,
+            model: &Model,
+            sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
+        ) -> Result<()> {
+            let v: Vec<f32> = (0..64).map(|i| i as f32 / 16.0 - 2.0).collect();
+            for o in &model.graph.outputs {
+                sink(&o.name, &[1, 64], &v)?;
+            }
+            Ok(())
+        }
+    }
+
+    // The Conv reading the graph input sees it through a renamed DequantizeLinear output; its
+    // bias used to stay float because the input's parameters were looked up under that name.
+    #[test]
+    fn bias_of_a_conv_reading_the_graph_input_is_int32() {
+        let m = model(
+            vec![value("x", 1, &[1, 1, 4, 4])],
+            vec![value("y", 1, &[1, 2, 4, 4])],
+            vec![node("conv", "Conv", &["x", "w", "b"], &["y"])],
+            vec![
+                Tensor::new("w", vec![2, 1, 1, 1], Data::F32(vec![0.5, -0.25])),
+                Tensor::new("b", vec![2], Data::F32(vec![0.1, -0.2])),
+            ],
+            17,
+        );
+        let opts = QuantOptions {
+            bias_correction: false,
+            ..Default::default()
+        };
+        let (q, _) = quantize(&m, &opts, &mut Synthetic, &()).unwrap();
+        let g = &q.graph;
+        let conv = g.nodes.iter().find(|n| n.op_type == "Conv").unwrap();
+        let dq = &g.nodes[g.producers()[conv.inputs[2].as_str()]];
+        assert_eq!(dq.op_type, "DequantizeLinear");
+        assert!(matches!(g.initializers[&dq.inputs[0]].data, Data::I32(_)));
     }
 }

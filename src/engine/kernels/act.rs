@@ -1,6 +1,7 @@
 //! Element-wise activations and their derivatives.
 
 use super::{map_into, zip_into};
+use crate::engine::simd::multiversion;
 
 /// An element-wise activation with its attributes resolved.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -101,50 +102,58 @@ impl Act {
     }
 }
 
-/// `y = act(x)`.
-pub fn forward(act: Act, x: &[f32], y: &mut [f32]) {
-    // One loop per variant so each inner loop is branch-free on the variant and vectorises.
-    macro_rules! run {
-        ($a:expr) => {
-            map_into(x, y, |x, y| {
+multiversion! {
+    fn forward_chunk(act: Act, x: &[f32], y: &mut [f32]) {
+        // One loop per variant so each inner loop is branch-free on the variant and vectorises.
+        macro_rules! run {
+            ($a:expr) => {
                 for (o, &v) in y.iter_mut().zip(x) {
                     *o = $a.apply(v);
                 }
-            })
-        };
+            };
+        }
+        match act {
+            Act::Relu => run!(Act::Relu),
+            Act::Clip { lo, hi } => run!(Act::Clip { lo, hi }),
+            Act::LeakyRelu { alpha } => run!(Act::LeakyRelu { alpha }),
+            Act::Sigmoid => run!(Act::Sigmoid),
+            Act::HardSigmoid { alpha, beta } => run!(Act::HardSigmoid { alpha, beta }),
+            Act::HardSwish => run!(Act::HardSwish),
+            Act::Tanh => run!(Act::Tanh),
+        }
     }
-    match act {
-        Act::Relu => run!(Act::Relu),
-        Act::Clip { lo, hi } => run!(Act::Clip { lo, hi }),
-        Act::LeakyRelu { alpha } => run!(Act::LeakyRelu { alpha }),
-        Act::Sigmoid => run!(Act::Sigmoid),
-        Act::HardSigmoid { alpha, beta } => run!(Act::HardSigmoid { alpha, beta }),
-        Act::HardSwish => run!(Act::HardSwish),
-        Act::Tanh => run!(Act::Tanh),
+}
+
+multiversion! {
+    fn backward_chunk(act: Act, x: &[f32], y: &[f32], g: &mut [f32]) {
+        macro_rules! run {
+            ($a:expr) => {
+                for ((d, &xv), &yv) in g.iter_mut().zip(x).zip(y) {
+                    *d *= $a.derivative(xv, yv);
+                }
+            };
+        }
+        match act {
+            Act::Relu => run!(Act::Relu),
+            Act::Clip { lo, hi } => run!(Act::Clip { lo, hi }),
+            Act::LeakyRelu { alpha } => run!(Act::LeakyRelu { alpha }),
+            Act::Sigmoid => run!(Act::Sigmoid),
+            Act::HardSigmoid { alpha, beta } => run!(Act::HardSigmoid { alpha, beta }),
+            Act::HardSwish => run!(Act::HardSwish),
+            Act::Tanh => run!(Act::Tanh),
+        }
     }
+}
+
+/// `y = act(x)`.
+pub fn forward(act: Act, x: &[f32], y: &mut [f32]) {
+    map_into(x, y, |x, y| forward_chunk(act, x, y));
 }
 
 /// `g = g * act'(x)` in place: `g` holds the output gradient and becomes the input gradient.
 pub fn backward_in_place(act: Act, x: &[f32], y: &[f32], g: &mut [f32]) {
     debug_assert!(x.len() == g.len() && y.len() == g.len());
-    macro_rules! run {
-        ($a:expr) => {
-            zip_into(x, y, g, |x, y, g| {
-                for ((d, &xv), &yv) in g.iter_mut().zip(x).zip(y) {
-                    *d *= $a.derivative(xv, yv);
-                }
-            })
-        };
-    }
-    match act {
-        Act::Relu => run!(Act::Relu),
-        Act::Clip { lo, hi } => run!(Act::Clip { lo, hi }),
-        Act::LeakyRelu { alpha } => run!(Act::LeakyRelu { alpha }),
-        Act::Sigmoid => run!(Act::Sigmoid),
-        Act::HardSigmoid { alpha, beta } => run!(Act::HardSigmoid { alpha, beta }),
-        Act::HardSwish => run!(Act::HardSwish),
-        Act::Tanh => run!(Act::Tanh),
-    }
+    zip_into(x, y, g, |x, y, g| backward_chunk(act, x, y, g));
 }
 
 #[cfg(test)]

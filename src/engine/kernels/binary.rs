@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::{group_len, threads, PAR_MIN_ELEMS};
+use crate::engine::simd::multiversion;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BinOp {
@@ -127,11 +128,10 @@ impl Bcast {
     }
 }
 
-/// `out = a op b` with broadcasting.
-pub fn forward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], out: &mut [f32]) {
-    let (len, sa, sb) = bc.inner();
-    let rows_per = rows_per_task(out.len(), len);
-    let run = |first: usize, chunk: &mut [f32]| {
+multiversion! {
+    /// Output rows `first..` of `a op b` into `chunk`.
+    fn forward_rows(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], first: usize, chunk: &mut [f32]) {
+        let (len, sa, sb) = bc.inner();
         for (i, row) in chunk.chunks_mut(len).enumerate() {
             let (oa, ob) = bc.row_offsets(first + i);
             macro_rules! rowloop {
@@ -166,8 +166,16 @@ pub fn forward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], out: &mut [f32]) {
                 BinOp::Div => rowloop!(BinOp::Div),
             }
         }
-    };
-    par_rows(out, len, rows_per, run);
+    }
+}
+
+/// `out = a op b` with broadcasting.
+pub fn forward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], out: &mut [f32]) {
+    let (len, _, _) = bc.inner();
+    let rows_per = rows_per_task(out.len(), len);
+    par_rows(out, len, rows_per, |first, chunk| {
+        forward_rows(op, bc, a, b, first, chunk)
+    });
 }
 
 /// Gradients of `a op b`: `da` and `db` (when asked for) are overwritten with `dy` times the

@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::{dot_f64, for_each_group, group_len, sum_f64, threads};
+use super::{for_each_group, group_len, threads};
+use crate::engine::simd::multiversion;
 
 /// `n` images of `c` channels with `plane` values per channel (H*W; 1 for 2-D input).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,76 @@ impl BnGeom {
     }
 }
 
+/// Running `(sum(a), sum(a * (b - shift)))` over the planes of one channel: sixteen f32
+/// lanes, flushed into f64 every 1024 values, so long channels keep full precision and tiny
+/// planes (4x4 late in a network) do not pay a flush each. With `a == b` and `shift` the mean
+/// this is the centred second moment, free of the cancellation of `E[x^2] - E[x]^2`.
+#[derive(Default)]
+struct Sums {
+    lanes: [f32; 16],
+    lanes_p: [f32; 16],
+    pending: usize,
+    total: f64,
+    total_p: f64,
+}
+
+impl Sums {
+    #[inline(always)]
+    fn add(&mut self, a: &[f32], b: &[f32], shift: f32) {
+        // Lanes in locals (not behind `&mut self`) so they stay in vector registers.
+        let (mut acc, mut accp) = (self.lanes, self.lanes_p);
+        let (ca, ra) = a.as_chunks::<16>();
+        let (cb, rb) = b[..a.len()].as_chunks::<16>();
+        for (x, y) in ca.iter().zip(cb) {
+            for l in 0..16 {
+                acc[l] += x[l];
+                accp[l] += x[l] * (y[l] - shift);
+            }
+        }
+        for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+            acc[l] += x;
+            accp[l] += x * (y - shift);
+        }
+        (self.lanes, self.lanes_p) = (acc, accp);
+        self.pending += a.len();
+        if self.pending >= 1024 {
+            self.flush();
+        }
+    }
+    /// Adds `sum((a - shift)^2)` to the product total.
+    #[inline(always)]
+    fn add_sq_dev(&mut self, a: &[f32], shift: f32) {
+        let mut accp = self.lanes_p;
+        let (ca, ra) = a.as_chunks::<16>();
+        for x in ca {
+            for l in 0..16 {
+                let d = x[l] - shift;
+                accp[l] += d * d;
+            }
+        }
+        for (l, x) in ra.iter().enumerate() {
+            let d = x - shift;
+            accp[l] += d * d;
+        }
+        self.lanes_p = accp;
+        self.pending += a.len();
+        if self.pending >= 1024 {
+            self.flush();
+        }
+    }
+    fn flush(&mut self) {
+        self.total += self.lanes.iter().map(|&v| v as f64).sum::<f64>();
+        self.total_p += self.lanes_p.iter().map(|&v| v as f64).sum::<f64>();
+        self.lanes = [0.0; 16];
+        self.lanes_p = [0.0; 16];
+        self.pending = 0;
+    }
+    fn finish(mut self) -> (f64, f64) {
+        self.flush();
+        (self.total, self.total_p)
+    }
+}
+
 /// Per-channel `f(channel) -> T`, channels in parallel, results in channel order.
 fn per_channel<T: Send>(g: &BnGeom, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     let min = g.c.div_ceil(threads()).max(1);
@@ -36,35 +107,62 @@ fn per_channel<T: Send>(g: &BnGeom, f: impl Fn(usize) -> T + Sync + Send) -> Vec
     }
 }
 
+multiversion! {
+    /// `y = x * scale[c] + shift[c]` for consecutive planes starting at plane `first`.
+    fn affine_planes(x: &[f32], first: usize, c: usize, plane: usize, scale: &[f32], shift: &[f32], ys: &mut [f32]) {
+        for (i, yp) in ys.chunks_mut(plane).enumerate() {
+            let p = first + i;
+            let (s, t) = (scale[p % c], shift[p % c]);
+            for (o, &v) in yp.iter_mut().zip(&x[p * plane..][..plane]) {
+                *o = v * s + t;
+            }
+        }
+    }
+}
+
 /// `y = x * scale[c] + shift[c]`.
 pub fn affine(g: &BnGeom, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
     let group = group_len(g.n * g.c, g.plane);
     for_each_group(y, g.plane, group, |first, ys| {
-        for (i, yp) in ys.chunks_mut(g.plane).enumerate() {
-            let p = first + i;
-            let ch = p % g.c;
-            let (s, t) = (scale[ch], shift[ch]);
-            for (o, &v) in yp.iter_mut().zip(&x[p * g.plane..][..g.plane]) {
-                *o = v * s + t;
-            }
-        }
+        affine_planes(x, first, g.c, g.plane, scale, shift, ys)
     });
+}
+
+multiversion! {
+    /// Mean and biased variance of channel `ch`: two passes, the mean then squared deviations.
+    fn channel_moments(x: &[f32], n: usize, c: usize, plane: usize, ch: usize) -> (f64, f64) {
+        let m = (n * plane) as f64;
+        let mut acc = Sums::default();
+        for i in 0..n {
+            let p = &x[(i * c + ch) * plane..][..plane];
+            acc.add(p, p, 0.0);
+        }
+        let mu = acc.finish().0 / m;
+        let mut acc = Sums::default();
+        for i in 0..n {
+            acc.add_sq_dev(&x[(i * c + ch) * plane..][..plane], mu as f32);
+        }
+        // Centred on the f32 mean, off the exact one by `d`: subtract the `d^2` this adds.
+        let d = mu as f32 as f64 - mu;
+        (mu, (acc.finish().1 / m - d * d).max(0.0))
+    }
+}
+
+multiversion! {
+    /// `(sum(dy), sum(dy * (x - mean)))` of channel `ch`.
+    fn channel_grad_sums(x: &[f32], dy: &[f32], n: usize, c: usize, plane: usize, ch: usize, mean: f32) -> (f64, f64) {
+        let mut acc = Sums::default();
+        for i in 0..n {
+            let o = (i * c + ch) * plane;
+            acc.add(&dy[o..][..plane], &x[o..][..plane], mean);
+        }
+        acc.finish()
+    }
 }
 
 /// Batch mean and biased variance of each channel.
 pub fn batch_stats(g: &BnGeom, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
-    let m = g.count() as f64;
-    let stats = per_channel(g, |ch| {
-        let mut s = 0f64;
-        let mut ss = 0f64;
-        for i in 0..g.n {
-            let p = &x[(i * g.c + ch) * g.plane..][..g.plane];
-            s += sum_f64(p);
-            ss += dot_f64(p, p);
-        }
-        let mu = s / m;
-        (mu, (ss / m - mu * mu).max(0.0))
-    });
+    let stats = per_channel(g, |ch| channel_moments(x, g.n, g.c, g.plane, ch));
     for (ch, (mu, v)) in stats.into_iter().enumerate() {
         mean[ch] = mu as f32;
         var[ch] = v as f32;
@@ -135,15 +233,9 @@ pub fn eval_forward(
 
 /// Per channel: `(sum(dy), sum(dy * (x - mean)))`.
 fn grad_sums(g: &BnGeom, x: &[f32], dy: &[f32], mean: &[f32]) -> Vec<(f64, f64)> {
+    // The shift is the f32 mean, which is what the backward formula uses.
     per_channel(g, |ch| {
-        let (mut sdy, mut sdyx) = (0f64, 0f64);
-        for i in 0..g.n {
-            let o = (i * g.c + ch) * g.plane;
-            let d = &dy[o..][..g.plane];
-            sdy += sum_f64(d);
-            sdyx += dot_f64(d, &x[o..][..g.plane]);
-        }
-        (sdy, sdyx - mean[ch] as f64 * sdy)
+        channel_grad_sums(x, dy, g.n, g.c, g.plane, ch, mean[ch])
     })
 }
 
@@ -181,20 +273,23 @@ pub fn train_backward(
     if let Some(dx) = dx {
         let group = group_len(g.n * g.c, g.plane);
         for_each_group(dx, g.plane, group, |first, dxs| {
-            for (i, dp) in dxs.chunks_mut(g.plane).enumerate() {
-                let p = first + i;
-                let ch = p % g.c;
-                let (a, b, c) = (ka[ch], kb[ch], kc[ch]);
-                let o = p * g.plane;
-                for ((d, &gv), &xv) in dp
-                    .iter_mut()
-                    .zip(&dy[o..][..g.plane])
-                    .zip(&x[o..][..g.plane])
-                {
-                    *d = a * gv + b * xv + c;
-                }
-            }
+            dx_planes(x, dy, first, g.c, g.plane, &ka, &kb, &kc, dxs)
         });
+    }
+}
+
+multiversion! {
+    /// `dx = a[c] * dy + b[c] * x + k[c]` for consecutive planes starting at plane `first`.
+    #[allow(clippy::too_many_arguments)]
+    fn dx_planes(x: &[f32], dy: &[f32], first: usize, c: usize, plane: usize, ka: &[f32], kb: &[f32], kc: &[f32], dxs: &mut [f32]) {
+        for (i, dp) in dxs.chunks_mut(plane).enumerate() {
+            let p = first + i;
+            let (a, b, k) = (ka[p % c], kb[p % c], kc[p % c]);
+            let o = p * plane;
+            for ((d, &gv), &xv) in dp.iter_mut().zip(&dy[o..][..plane]).zip(&x[o..][..plane]) {
+                *d = a * gv + b * xv + k;
+            }
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //! loops for depthwise (one input channel per group). Transposed convolution reuses the
 //! same three kernels with the roles of input and output swapped.
 
+use super::window::Phased;
 use super::{for_each_group, group_len, threads, valid_range};
 use crate::engine::linalg::{matmul, Mat, Par};
+use crate::engine::simd::multiversion;
 use rayon::prelude::*;
 
 /// Resolved geometry of one convolution over NCHW data (a 1-D convolution is `h = kh = 1`).
@@ -74,33 +76,72 @@ impl ConvGeom {
     }
 }
 
-/// Copies the receptive fields of `cig` input planes into `col` (`kdim x oh*ow`), zeros
-/// where the window reads padding.
-fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
-    let (ow, ohw) = (g.ow, g.out_plane());
-    for c in 0..g.cig() {
-        let plane = &x[c * g.in_plane()..(c + 1) * g.in_plane()];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
-                let offx = (kx * g.dw) as isize - g.pl as isize;
-                let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
-                for oy in 0..g.oh {
-                    let dst = &mut row[oy * ow..(oy + 1) * ow];
-                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        dst.fill(0.0);
+/// With unit strides and `ow == w`, output position `i` of a tap reads input `i + shift`:
+/// each tap's im2col row is one shifted copy of the plane, then its out-of-range rows and
+/// wrapped-around columns are zeroed.
+fn flat_shift(g: &ConvGeom) -> bool {
+    g.sh == 1 && g.sw == 1 && g.ow == g.w
+}
+
+/// The part of `lo..hi` whose shifted positions `i + shift` fall inside `0..len`, as a
+/// sub-range `start..end` with `lo <= start <= end <= hi`.
+#[inline]
+fn shifted_span(lo: usize, hi: usize, shift: isize, len: usize) -> (usize, usize) {
+    let start = (lo as isize).max(-shift).min(hi as isize) as usize;
+    let end = (hi as isize).min(len as isize - shift).max(start as isize) as usize;
+    (start, end)
+}
+
+multiversion! {
+    /// Copies the receptive fields of `cig` input planes into `col` (`kdim x oh*ow`), zeros
+    /// where the window reads padding.
+    fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
+        let (ow, ohw, ihw) = (g.ow, g.out_plane(), g.in_plane());
+        for c in 0..g.cig() {
+            let plane = &x[c * ihw..(c + 1) * ihw];
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                    let offx = (kx * g.dw) as isize - g.pl as isize;
+                    let offy = (ky * g.dh) as isize - g.pt as isize;
+                    let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
+                    if flat_shift(g) {
+                        let (ylo, yhi) = valid_range(g.oh, 1, offy, g.h);
+                        let shift = offy * g.w as isize + offx;
+                        row[..ylo * ow].fill(0.0);
+                        row[yhi * ow..].fill(0.0);
+                        // Clip the copy to the plane; what falls outside is a wrapped column.
+                        let (start, end) = shifted_span(ylo * ow, yhi * ow, shift, ihw);
+                        row[ylo * ow..start].fill(0.0);
+                        row[end..yhi * ow].fill(0.0);
+                        if start < end {
+                            row[start..end].copy_from_slice(&plane[(start as isize + shift) as usize..(end as isize + shift) as usize]);
+                        }
+                        if lo > 0 || hi < ow {
+                            for oy in ylo..yhi {
+                                row[oy * ow..oy * ow + lo].fill(0.0);
+                                row[oy * ow + hi..(oy + 1) * ow].fill(0.0);
+                            }
+                        }
                         continue;
                     }
-                    let src = &plane[iy as usize * g.w..][..g.w];
-                    dst[..lo].fill(0.0);
-                    dst[hi..].fill(0.0);
-                    if g.sw == 1 && lo < hi {
-                        let s = (lo as isize + offx) as usize;
-                        dst[lo..hi].copy_from_slice(&src[s..s + (hi - lo)]);
-                    } else {
-                        for ox in lo..hi {
-                            dst[ox] = src[(ox as isize * g.sw as isize + offx) as usize];
+                    for oy in 0..g.oh {
+                        let dst = &mut row[oy * ow..(oy + 1) * ow];
+                        let iy = (oy * g.sh) as isize + offy;
+                        if iy < 0 || iy >= g.h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * g.w..][..g.w];
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        if g.sw == 1 && lo < hi {
+                            let s = (lo as isize + offx) as usize;
+                            dst[lo..hi].copy_from_slice(&src[s..s + (hi - lo)]);
+                        } else {
+                            for ox in lo..hi {
+                                dst[ox] = src[(ox as isize * g.sw as isize + offx) as usize];
+                            }
                         }
                     }
                 }
@@ -109,31 +150,53 @@ fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// Adds `col` (`kdim x oh*ow`) back onto the `cig` input planes it was read from.
-fn col2im(g: &ConvGeom, col: &[f32], x: &mut [f32]) {
-    let (ow, ohw) = (g.ow, g.out_plane());
-    for c in 0..g.cig() {
-        let plane = &mut x[c * g.in_plane()..(c + 1) * g.in_plane()];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = &col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
-                let offx = (kx * g.dw) as isize - g.pl as isize;
-                let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
-                for oy in 0..g.oh {
-                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                    if iy < 0 || iy >= g.h as isize {
+multiversion! {
+    /// Adds `col` (`kdim x oh*ow`) back onto the `cig` input planes it was read from. `col`
+    /// is scratch: its entries for padding positions are zeroed on the way.
+    fn col2im(g: &ConvGeom, col: &mut [f32], x: &mut [f32]) {
+        let (ow, ohw, ihw) = (g.ow, g.out_plane(), g.in_plane());
+        for c in 0..g.cig() {
+            let plane = &mut x[c * ihw..(c + 1) * ihw];
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = &mut col[((c * g.kh + ky) * g.kw + kx) * ohw..][..ohw];
+                    let offx = (kx * g.dw) as isize - g.pl as isize;
+                    let offy = (ky * g.dh) as isize - g.pt as isize;
+                    let (lo, hi) = valid_range(ow, g.sw, offx, g.w);
+                    if flat_shift(g) {
+                        let (ylo, yhi) = valid_range(g.oh, 1, offy, g.h);
+                        if lo > 0 || hi < ow {
+                            for oy in ylo..yhi {
+                                row[oy * ow..oy * ow + lo].fill(0.0);
+                                row[oy * ow + hi..(oy + 1) * ow].fill(0.0);
+                            }
+                        }
+                        let shift = offy * g.w as isize + offx;
+                        let (start, end) = shifted_span(ylo * ow, yhi * ow, shift, ihw);
+                        if start < end {
+                            let dst = &mut plane[(start as isize + shift) as usize..(end as isize + shift) as usize];
+                            for (d, v) in dst.iter_mut().zip(&row[start..end]) {
+                                *d += v;
+                            }
+                        }
                         continue;
                     }
-                    let src = &row[oy * ow..(oy + 1) * ow];
-                    let dst = &mut plane[iy as usize * g.w..][..g.w];
-                    if g.sw == 1 && lo < hi {
-                        let s = (lo as isize + offx) as usize;
-                        for (d, v) in dst[s..s + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
-                            *d += v;
+                    for oy in 0..g.oh {
+                        let iy = (oy * g.sh) as isize + offy;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
                         }
-                    } else {
-                        for ox in lo..hi {
-                            dst[(ox as isize * g.sw as isize + offx) as usize] += src[ox];
+                        let src = &row[oy * ow..(oy + 1) * ow];
+                        let dst = &mut plane[iy as usize * g.w..][..g.w];
+                        if g.sw == 1 && lo < hi {
+                            let s = (lo as isize + offx) as usize;
+                            for (d, v) in dst[s..s + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                                *d += v;
+                            }
+                        } else {
+                            for ox in lo..hi {
+                                dst[(ox as isize * g.sw as isize + offx) as usize] += src[ox];
+                            }
                         }
                     }
                 }
@@ -254,7 +317,7 @@ pub fn backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
                         par,
                     );
                     dxg.fill(0.0);
-                    col2im(g, &col, dxg);
+                    col2im(g, &mut col, dxg);
                 }
             }
         }
@@ -342,129 +405,121 @@ pub fn channel_sums(x: &[f32], n: usize, c: usize, plane: usize, out: &mut [f32]
         });
 }
 
+fn phased(g: &ConvGeom) -> Phased {
+    Phased::new(
+        g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+    )
+}
+
+/// `y[i] += a * x[i]`.
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+multiversion! {
+    /// One output plane of a depthwise convolution.
+    fn dw_forward_plane(ph: &Phased, q: &mut [f32], run: &mut [f32], x: &[f32], wk: &[f32], bias: f32, y: &mut [f32]) {
+        ph.scatter_input(x, q, 0.0);
+        run.fill(bias);
+        let (pl, n) = (ph.phase_len(), run.len());
+        for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+            axpy(run, wk[t], &q[phase * pl + off..][..n]);
+        }
+        ph.extract(run, y);
+    }
+}
+
+multiversion! {
+    /// One input plane's gradient: the output planes `dys` (its `cog` channels) spread back
+    /// through their kernels `wks`.
+    fn dw_backward_data_plane(ph: &Phased, dq: &mut [f32], run: &mut [f32], dys: &[f32], wks: &[f32], dx: &mut [f32]) {
+        dq.fill(0.0);
+        let (pl, n, taps, ohw) = (ph.phase_len(), run.len(), ph.taps.len(), ph.oh * ph.ow);
+        for (dy, wk) in dys.chunks(ohw).zip(wks.chunks(taps)) {
+            ph.spread(dy, run);
+            for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                axpy(&mut dq[phase * pl + off..][..n], wk[t], run);
+            }
+        }
+        ph.gather_input(dq, dx);
+    }
+}
+
+multiversion! {
+    /// Adds one image's contribution to one channel's kernel gradient.
+    fn dw_backward_weight_plane(ph: &Phased, q: &mut [f32], run: &mut [f32], x: &[f32], dy: &[f32], acc: &mut [f64]) {
+        ph.scatter_input(x, q, 0.0);
+        ph.spread(dy, run);
+        let (pl, n) = (ph.phase_len(), run.len());
+        for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+            acc[t] += dot32(run, &q[phase * pl + off..][..n]) as f64;
+        }
+    }
+}
+
+/// Direct depthwise forward: per output plane, each tap adds one contiguous run (see
+/// `window::Phased`).
 fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
-    let planes = g.n * g.c_out;
-    let group = group_len(planes, ohw * taps);
+    let ph = phased(g);
+    let group = group_len(g.n * g.c_out, ohw * taps);
     for_each_group(y, ohw, group, |first, ys| {
+        let (mut q, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
         for (i, yp) in ys.chunks_mut(ohw).enumerate() {
-            let p = first + i;
-            let (img, oc) = (p / g.c_out, p % g.c_out);
-            let ic = oc / cog;
-            let xp = &x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()];
-            let wk = &w[oc * taps..][..taps];
-            yp.fill(b.map_or(0.0, |b| b[oc]));
-            for oy in 0..g.oh {
-                let yrow = &mut yp[oy * g.ow..(oy + 1) * g.ow];
-                for ky in 0..g.kh {
-                    let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    let xrow = &xp[iy as usize * g.w..][..g.w];
-                    for kx in 0..g.kw {
-                        let wv = wk[ky * g.kw + kx];
-                        let off = (kx * g.dw) as isize - g.pl as isize;
-                        let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
-                        if g.sw == 1 && lo < hi {
-                            let s = (lo as isize + off) as usize;
-                            for (o, v) in yrow[lo..hi].iter_mut().zip(&xrow[s..s + (hi - lo)]) {
-                                *o += wv * v;
-                            }
-                        } else {
-                            for ox in lo..hi {
-                                yrow[ox] += wv * xrow[(ox as isize * g.sw as isize + off) as usize];
-                            }
-                        }
-                    }
-                }
-            }
+            let (img, oc) = ((first + i) / g.c_out, (first + i) % g.c_out);
+            let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
+            dw_forward_plane(
+                &ph,
+                &mut q,
+                &mut run,
+                xp,
+                &w[oc * taps..][..taps],
+                b.map_or(0.0, |b| b[oc]),
+                yp,
+            );
         }
     });
 }
 
 fn depthwise_backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
-    let planes = g.n * g.c_in;
-    let group = group_len(planes, ohw * taps * cog);
+    let ph = phased(g);
+    let group = group_len(g.n * g.c_in, ohw * taps * cog);
     for_each_group(dx, g.in_plane(), group, |first, dxs| {
+        let (mut dq, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
         for (i, dxp) in dxs.chunks_mut(g.in_plane()).enumerate() {
-            let p = first + i;
-            let (img, ic) = (p / g.c_in, p % g.c_in);
-            dxp.fill(0.0);
-            for oc in ic * cog..(ic + 1) * cog {
-                let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
-                let wk = &w[oc * taps..][..taps];
-                for oy in 0..g.oh {
-                    let dyrow = &dyp[oy * g.ow..(oy + 1) * g.ow];
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let dxrow = &mut dxp[iy as usize * g.w..][..g.w];
-                        for kx in 0..g.kw {
-                            let wv = wk[ky * g.kw + kx];
-                            let off = (kx * g.dw) as isize - g.pl as isize;
-                            let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
-                            if g.sw == 1 && lo < hi {
-                                let s = (lo as isize + off) as usize;
-                                for (d, v) in dxrow[s..s + (hi - lo)].iter_mut().zip(&dyrow[lo..hi])
-                                {
-                                    *d += wv * v;
-                                }
-                            } else {
-                                for ox in lo..hi {
-                                    dxrow[(ox as isize * g.sw as isize + off) as usize] +=
-                                        wv * dyrow[ox];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            let (img, ic) = ((first + i) / g.c_in, (first + i) % g.c_in);
+            let dys = &dy[(img * g.c_out + ic * cog) * ohw..][..cog * ohw];
+            dw_backward_data_plane(
+                &ph,
+                &mut dq,
+                &mut run,
+                dys,
+                &w[ic * cog * taps..][..cog * taps],
+                dxp,
+            );
         }
     });
 }
 
 fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
+    let ph = phased(g);
     let group = group_len(g.c_out, g.n * ohw * taps);
     // One output channel's taps depend on that channel's planes only: no cross-task sums.
     for_each_group(dw, taps, group, |first, dws| {
+        let (mut q, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
         let mut acc = vec![0f64; taps];
         for (i, wk) in dws.chunks_mut(taps).enumerate() {
             let oc = first + i;
-            let ic = oc / cog;
             acc.fill(0.0);
             for img in 0..g.n {
-                let xp = &x[(img * g.c_in + ic) * g.in_plane()..][..g.in_plane()];
+                let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
                 let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
-                for oy in 0..g.oh {
-                    let dyrow = &dyp[oy * g.ow..(oy + 1) * g.ow];
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let xrow = &xp[iy as usize * g.w..][..g.w];
-                        for kx in 0..g.kw {
-                            let off = (kx * g.dw) as isize - g.pl as isize;
-                            let (lo, hi) = valid_range(g.ow, g.sw, off, g.w);
-                            let mut s = 0f32;
-                            if g.sw == 1 && lo < hi {
-                                let st = (lo as isize + off) as usize;
-                                s = dot32(&dyrow[lo..hi], &xrow[st..st + (hi - lo)]);
-                            } else {
-                                for ox in lo..hi {
-                                    s += dyrow[ox]
-                                        * xrow[(ox as isize * g.sw as isize + off) as usize];
-                                }
-                            }
-                            acc[ky * g.kw + kx] += s as f64;
-                        }
-                    }
-                }
+                dw_backward_weight_plane(&ph, &mut q, &mut run, xp, dyp, &mut acc);
             }
             for (d, a) in wk.iter_mut().zip(&acc) {
                 *d = *a as f32;
@@ -473,23 +528,18 @@ fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]
     });
 }
 
-/// Short dot product with eight f32 lanes (rows are at most a few hundred long).
-#[inline]
+/// Dot product of one plane's run with sixteen f32 lanes (runs are a few hundred long).
+#[inline(always)]
 fn dot32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut ia = a.chunks_exact(8);
-    let mut ib = b.chunks_exact(8);
-    for (x, y) in (&mut ia).zip(&mut ib) {
-        for l in 0..8 {
+    let mut acc = [0f32; 16];
+    let (ca, ra) = a.as_chunks::<16>();
+    let (cb, rb) = b[..a.len()].as_chunks::<16>();
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..16 {
             acc[l] += x[l] * y[l];
         }
     }
-    let mut s: f32 = ia
-        .remainder()
-        .iter()
-        .zip(ib.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let mut s: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
     for a in acc {
         s += a;
     }
@@ -710,6 +760,21 @@ pub(crate) mod tests {
             };
             pool.install(|| check(&g, 7));
             check(&g, 8);
+        }
+        // Unit strides with `ow == w` take the shifted-copy im2col; dilated and asymmetric.
+        for (dh, pt, pl, oh) in [(2, 2, 2, 9), (1, 0, 1, 8), (1, 2, 1, 10)] {
+            let g = ConvGeom {
+                n: 3,
+                dh,
+                dw: dh,
+                pt,
+                pl,
+                oh,
+                ow: 11,
+                ..base.clone()
+            };
+            assert!(flat_shift(&g));
+            check(&g, 9);
         }
     }
 

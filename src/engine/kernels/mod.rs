@@ -16,6 +16,7 @@ pub mod pool;
 pub mod quant;
 pub mod reduce;
 pub mod softmax;
+pub mod window;
 
 use rayon::prelude::*;
 
@@ -129,26 +130,6 @@ pub(crate) fn sum_f64(x: &[f32]) -> f64 {
         }
     }
     let tail: f64 = it.remainder().iter().map(|&v| v as f64).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// Dot product with eight f64 lanes, in a fixed order.
-#[inline]
-pub(crate) fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut ia = a.chunks_exact(8);
-    let mut ib = b.chunks_exact(8);
-    for (x, y) in (&mut ia).zip(&mut ib) {
-        for l in 0..8 {
-            acc[l] += x[l] as f64 * y[l] as f64;
-        }
-    }
-    let tail: f64 = ia
-        .remainder()
-        .iter()
-        .zip(ib.remainder())
-        .map(|(&x, &y)| x as f64 * y as f64)
-        .sum();
     acc.iter().sum::<f64>() + tail
 }
 

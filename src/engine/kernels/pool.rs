@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
+use super::window::Phased;
 use super::{for_each_group, group_len};
+use crate::engine::simd::multiversion;
 
 /// Resolved pooling window over `n * c` planes of `h x w`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,49 +41,104 @@ impl PoolGeom {
 }
 
 /// Max over each window; `argmax` receives the index within the input plane of the first
-/// maximum (PyTorch's tie rule), which the backward pass routes the gradient to.
+/// maximum in window order (PyTorch's tie rule), which the backward pass routes the gradient
+/// to. Works on stride-phase runs (see `window::Phased`) so the inner loops vectorise.
 pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     let (ohw, ihw) = (g.out_plane(), g.in_plane());
+    let ph = Phased::new(
+        g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+    );
     let group = group_len(g.planes(), ohw * g.kh * g.kw);
-    let run = |first: usize, ys: &mut [f32], am: &mut [u32]| {
-        for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
-            let xp = &x[(first + i) * ihw..][..ihw];
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = u32::MAX;
-                    for ky in 0..g.kh {
-                        let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        for kx in 0..g.kw {
-                            let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
-                            if ix < 0 || ix >= g.w as isize {
-                                continue;
-                            }
-                            let k = iy as usize * g.w + ix as usize;
-                            let v = xp[k];
-                            if v > best || (v.is_nan() && !best.is_nan()) || at == u32::MAX {
-                                best = v;
-                                at = k as u32;
-                            }
-                        }
-                    }
-                    yp[oy * g.ow + ox] = best;
-                    ap[oy * g.ow + ox] = at;
-                }
+    // Non-overlapping windows without padding (2x2 stride 2 and the like) read each input
+    // once; the phase layout would only add copies.
+    let tiled = g.kh == g.sh
+        && g.kw == g.sw
+        && g.dh == 1
+        && g.dw == 1
+        && g.pt == 0
+        && g.pl == 0
+        && g.oh * g.kh <= g.h
+        && g.ow * g.kw <= g.w;
+    let run_group = |first: usize, ys: &mut [f32], am: &mut [u32]| {
+        if tiled {
+            for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
+                max_plane_tiled(g, &x[(first + i) * ihw..][..ihw], yp, ap);
             }
+            return;
+        }
+        let mut q = vec![0.0; ph.len()];
+        let mut best = vec![0.0; ph.run()];
+        let mut tap = vec![0u32; ph.run()];
+        for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
+            max_plane(
+                g,
+                &ph,
+                &mut q,
+                &mut best,
+                &mut tap,
+                &x[(first + i) * ihw..][..ihw],
+                yp,
+                ap,
+            );
         }
     };
     let chunk = (ohw * group).max(1);
     if y.len() <= chunk {
-        run(0, y, argmax);
+        run_group(0, y, argmax);
     } else {
         y.par_chunks_mut(chunk)
             .zip(argmax.par_chunks_mut(chunk))
             .enumerate()
-            .for_each(|(i, (ys, am))| run(i * group, ys, am));
+            .for_each(|(i, (ys, am))| run_group(i * group, ys, am));
+    }
+}
+
+multiversion! {
+    fn max_plane_tiled(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let first = oy * g.kh * g.w + ox * g.kw;
+                let (mut best, mut at) = (x[first], first);
+                for ky in 0..g.kh {
+                    let row = (oy * g.kh + ky) * g.w + ox * g.kw;
+                    for (kx, &v) in x[row..row + g.kw].iter().enumerate() {
+                        if v > best {
+                            best = v;
+                            at = row + kx;
+                        }
+                    }
+                }
+                y[oy * g.ow + ox] = best;
+                argmax[oy * g.ow + ox] = at as u32;
+            }
+        }
+    }
+}
+
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn max_plane(g: &PoolGeom, ph: &Phased, q: &mut [f32], best: &mut [f32], tap: &mut [u32], x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+        let pl = ph.phase_len();
+        ph.scatter_input(x, q, f32::NEG_INFINITY);
+        let (p0, o0) = ph.taps[0];
+        best.copy_from_slice(&q[p0 * pl + o0..][..ph.run()]);
+        tap.fill(0);
+        for (t, &(phase, off)) in ph.taps.iter().enumerate().skip(1) {
+            for ((b, k), &v) in best.iter_mut().zip(tap.iter_mut()).zip(&q[phase * pl + off..][..ph.run()]) {
+                if v > *b {
+                    *b = v;
+                    *k = t as u32;
+                }
+            }
+        }
+        ph.extract(best, y);
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let (ro, co) = ph.tap_rc[tap[oy * ph.qw + ox] as usize];
+                let (r, c) = ((oy * g.sh) as isize + ro, (ox * g.sw) as isize + co);
+                argmax[oy * g.ow + ox] = if r >= 0 && c >= 0 && (r as usize) < g.h && (c as usize) < g.w { (r as usize * g.w + c as usize) as u32 } else { u32::MAX };
+            }
+        }
     }
 }
 

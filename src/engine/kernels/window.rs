@@ -1,0 +1,217 @@
+//! Stride-phase layout for sliding-window kernels on small planes (depthwise convolution,
+//! max pooling). The padded input plane is split into `sh x sw` phase planes so that, for
+//! every kernel tap, the values read by all outputs form one contiguous run: output `(oy, ox)`
+//! lives at flat position `oy * qw + ox` and tap `t` reads `phase[t][offset[t] + oy * qw + ox]`.
+//! Positions with `ox >= ow` are scratch lanes whose results are discarded, which keeps the
+//! inner loops branch-free and long enough to vectorise even on 4x4 planes.
+
+use super::valid_range;
+
+#[derive(Debug, Clone)]
+pub struct Phased {
+    pub h: usize,
+    pub w: usize,
+    pub oh: usize,
+    pub ow: usize,
+    sh: usize,
+    sw: usize,
+    pt: usize,
+    pl: usize,
+    /// Rows and row length of each phase plane.
+    qh: usize,
+    pub qw: usize,
+    /// Per tap (row-major over the kernel): phase plane index and flat offset.
+    pub taps: Vec<(usize, usize)>,
+    /// Per tap: the input-plane offset `(ky*dh - pt) * w + (kx*dw - pl)` of that tap at output
+    /// (0, 0), as (row offset, column offset).
+    pub tap_rc: Vec<(isize, isize)>,
+}
+
+impl Phased {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+        kh: usize,
+        kw: usize,
+        sh: usize,
+        sw: usize,
+        dh: usize,
+        dw: usize,
+        pt: usize,
+        pl: usize,
+    ) -> Phased {
+        let rows = (oh.max(1) - 1) * sh + (kh - 1) * dh + 1;
+        let cols = (ow.max(1) - 1) * sw + (kw - 1) * dw + 1;
+        // One spare row: scratch lanes of the last output row read past the last used row.
+        let qh = rows.div_ceil(sh) + 1;
+        let qw = cols.div_ceil(sw);
+        let mut taps = Vec::with_capacity(kh * kw);
+        let mut tap_rc = Vec::with_capacity(kh * kw);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let (ry, rx) = (ky * dh, kx * dw);
+                taps.push(((ry % sh) * sw + rx % sw, (ry / sh) * qw + rx / sw));
+                tap_rc.push((ry as isize - pt as isize, rx as isize - pl as isize));
+            }
+        }
+        Phased {
+            h,
+            w,
+            oh,
+            ow,
+            sh,
+            sw,
+            pt,
+            pl,
+            qh,
+            qw,
+            taps,
+            tap_rc,
+        }
+    }
+
+    /// Values per phase plane.
+    pub fn phase_len(&self) -> usize {
+        self.qh * self.qw
+    }
+    /// Length of the scratch output run (`oh * qw`).
+    pub fn run(&self) -> usize {
+        self.oh * self.qw
+    }
+    /// Total length of all phase planes.
+    pub fn len(&self) -> usize {
+        self.sh * self.sw * self.phase_len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Splits an input plane into phases, `fill` where the window reads padding.
+    #[inline]
+    pub fn scatter_input(&self, x: &[f32], q: &mut [f32], fill: f32) {
+        let pl = self.phase_len();
+        for a in 0..self.sh {
+            for b in 0..self.sw {
+                let phase = &mut q[(a * self.sw + b) * pl..][..pl];
+                let off = b as isize - self.pl as isize;
+                let (lo, hi) = valid_range(self.qw, self.sw, off, self.w);
+                for i in 0..self.qh {
+                    let row = &mut phase[i * self.qw..][..self.qw];
+                    let r = (i * self.sh + a) as isize - self.pt as isize;
+                    if r < 0 || r >= self.h as isize {
+                        row.fill(fill);
+                        continue;
+                    }
+                    let src = &x[r as usize * self.w..][..self.w];
+                    row[..lo].fill(fill);
+                    row[hi..].fill(fill);
+                    if self.sw == 1 {
+                        if lo < hi {
+                            let s = (lo as isize + off) as usize;
+                            row[lo..hi].copy_from_slice(&src[s..s + hi - lo]);
+                        }
+                    } else {
+                        for j in lo..hi {
+                            row[j] = src[(j as isize * self.sw as isize + off) as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inverse of `scatter_input` for gradients: `dx[r][c]` takes the phase value its input
+    /// position maps to (0 where no window reads it).
+    #[inline]
+    pub fn gather_input(&self, q: &[f32], dx: &mut [f32]) {
+        let pl = self.phase_len();
+        for r in 0..self.h {
+            let pr = r + self.pt;
+            let (a, i) = (pr % self.sh, pr / self.sh);
+            let row = &mut dx[r * self.w..][..self.w];
+            if i >= self.qh {
+                row.fill(0.0);
+                continue;
+            }
+            for b in 0..self.sw {
+                let src = &q[(a * self.sw + b) * pl + i * self.qw..][..self.qw];
+                // Columns c = j*sw + b - pl of this phase; the others belong to other phases.
+                let off = b as isize - self.pl as isize;
+                let (lo, hi) = valid_range(self.qw, self.sw, off, self.w);
+                if self.sw == 1 {
+                    row.fill(0.0);
+                    if lo < hi {
+                        let s = (lo as isize + off) as usize;
+                        row[s..s + hi - lo].copy_from_slice(&src[lo..hi]);
+                    }
+                } else {
+                    if b == 0 {
+                        row.fill(0.0);
+                    }
+                    for j in lo..hi {
+                        row[(j as isize * self.sw as isize + off) as usize] = src[j];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies the `oh x ow` outputs out of a scratch run.
+    #[inline]
+    pub fn extract(&self, run: &[f32], y: &mut [f32]) {
+        for oy in 0..self.oh {
+            y[oy * self.ow..][..self.ow].copy_from_slice(&run[oy * self.qw..][..self.ow]);
+        }
+    }
+
+    /// Lays `oh x ow` outputs (a gradient) out as a scratch run with zero scratch lanes.
+    #[inline]
+    pub fn spread(&self, y: &[f32], run: &mut [f32]) {
+        for oy in 0..self.oh {
+            let row = &mut run[oy * self.qw..][..self.qw];
+            row[..self.ow].copy_from_slice(&y[oy * self.ow..][..self.ow]);
+            row[self.ow..].fill(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every tap of every output reads exactly the input value (or padding) it should.
+        #[test]
+        fn taps_read_the_right_inputs(h in 1usize..7, w in 1usize..7, k in 1usize..4, s in 1usize..4, d in 1usize..3, pt in 0usize..3, pl in 0usize..3, pb in 0usize..3, pr in 0usize..3) {
+            let eff = (k - 1) * d + 1;
+            prop_assume!(h + pt + pb >= eff && w + pl + pr >= eff);
+            let (oh, ow) = ((h + pt + pb - eff) / s + 1, (w + pl + pr - eff) / s + 1);
+            let p = Phased::new(h, w, oh, ow, k, k, s, s, d, d, pt, pl);
+            let x: Vec<f32> = (0..h * w).map(|i| i as f32 + 1.0).collect();
+            let mut q = vec![f32::NAN; p.len()];
+            p.scatter_input(&x, &mut q, 0.0);
+            for (t, &(phase, off)) in p.taps.iter().enumerate() {
+                let (ky, kx) = (t / k, t % k);
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let r = (oy * s + ky * d) as isize - pt as isize;
+                        let c = (ox * s + kx * d) as isize - pl as isize;
+                        let want = if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w { x[r as usize * w + c as usize] } else { 0.0 };
+                        prop_assert_eq!(q[phase * p.phase_len() + off + oy * p.qw + ox], want);
+                    }
+                }
+                // Scratch lanes stay inside the phase plane.
+                prop_assert!(off + p.run() <= p.phase_len());
+            }
+            let mut back = vec![f32::NAN; h * w];
+            p.gather_input(&q, &mut back);
+            for (i, (&b, &v)) in back.iter().zip(&x).enumerate() {
+                prop_assert!(b == v || b == 0.0, "input {i}: {b} vs {v}");
+            }
+        }
+    }
+}
