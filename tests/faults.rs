@@ -12,7 +12,7 @@ use crate::util::{Dir, Output};
 fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: String = shape.iter().map(|d| format!("{d}, ")).collect();
     let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
-    while (dict.len() + 11) % 64 != 0 {
+    while !(dict.len() + 11).is_multiple_of(64) {
         dict.push(' ');
     }
     dict.push('\n');
@@ -28,7 +28,7 @@ fn npy_i64(data: &[i64]) -> Vec<u8> {
         "{{'descr': '<i8', 'fortran_order': False, 'shape': ({}, ), }}",
         data.len()
     );
-    while (dict.len() + 11) % 64 != 0 {
+    while !(dict.len() + 11).is_multiple_of(64) {
         dict.push(' ');
     }
     dict.push('\n');

@@ -163,7 +163,7 @@ fn npy(descr: &str, fortran: bool, shape: &[u64], data: &[u8]) -> Vec<u8> {
 
 fn npy_raw(version: u8, dict: &str, claimed_len: Option<u32>, data: &[u8]) -> Vec<u8> {
     let mut dict = dict.to_string();
-    while (dict.len() + 11) % 64 != 0 {
+    while !(dict.len() + 11).is_multiple_of(64) {
         dict.push(' ');
     }
     dict.push('\n');

@@ -662,7 +662,7 @@ impl NpyDesc {
                 if self.fortran { "True" } else { "False" }
             ),
         };
-        while (dict.len() + 11) % 64 != 0 {
+        while !(dict.len() + 11).is_multiple_of(64) {
             dict.push(' ');
         }
         dict.push('\n');
