@@ -392,6 +392,20 @@ mod tests {
     }
 
     #[test]
+    fn file_swapped_for_a_link_after_the_check_is_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), [0u8; 4]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("w.bin"), [0u8; 4]).unwrap();
+        let real = resolve_inside(dir.path(), "w.bin").unwrap();
+        // Between the check and the open, the data file becomes a link leading out.
+        std::fs::remove_file(&real).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), &real).unwrap();
+        let e = open_checked(&real, "w.bin").unwrap_err().to_string();
+        assert!(e.contains("changed while it was opened"), "{e}");
+    }
+
+    #[test]
     fn hardlink_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("orig"), [0u8; 4]).unwrap();
