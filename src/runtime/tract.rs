@@ -18,8 +18,51 @@ fn tract_err(e: TractError) -> anyhow::Error {
     anyhow!("{e:#}")
 }
 
+/// Runs `f`, turning a panic inside tract into an error. A model that passed shrink's own
+/// checks can still trip an assertion in tract (tract-core 0.23.9 panics on a Pad with
+/// negative pads and on a Slice step near i64::MAX), and untrusted input must end in an
+/// error, not a crash.
+fn guard<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    thread_local! {
+        /// Set while this thread runs guarded tract code; holds what the panic hook saw.
+        static GUARDED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    }
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        // Panics caught below are reported as errors, so the default hook's message (and
+        // backtrace) is kept out of the way there; everywhere else it prints as usual.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let guarded = GUARDED.with(|g| {
+                let mut g = g.borrow_mut();
+                g.as_mut().map(|seen| *seen = info.to_string()).is_some()
+            });
+            if !guarded {
+                previous(info);
+            }
+        }));
+    });
+    GUARDED.with(|g| *g.borrow_mut() = Some(String::new()));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let seen = GUARDED.with(|g| g.borrow_mut().take()).unwrap_or_default();
+    match result {
+        Ok(r) => r,
+        Err(_) => Err(anyhow!("tract crashed on this model: {}", seen.replace('\n', " "))).hint(
+            "the model uses a case tract does not handle; try `--backend ort`, and report the model to tract",
+        ),
+    }
+}
+
 impl TractSession {
     pub fn open(
+        model: &[u8],
+        input_shape: &[usize],
+        opts: &RuntimeOptions,
+    ) -> Result<TractSession> {
+        guard(|| Self::open_unguarded(model, input_shape, opts))
+    }
+
+    fn open_unguarded(
         model: &[u8],
         input_shape: &[usize],
         opts: &RuntimeOptions,
@@ -94,6 +137,12 @@ impl Session for TractSession {
     }
 
     fn run(&mut self, data: &[f32]) -> Result<Vec<Output>> {
+        guard(|| self.run_unguarded(data))
+    }
+}
+
+impl TractSession {
+    fn run_unguarded(&mut self, data: &[f32]) -> Result<Vec<Output>> {
         let t = tract_ndarray::ArrayD::from_shape_vec(self.input_shape.clone(), data.to_vec())
             .context("input data does not match the session's input shape")?;
         let outs = self
@@ -119,5 +168,28 @@ impl Session for TractSession {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tract_panic_becomes_an_error() {
+        let r: Result<()> = guard(|| panic!("index out of bounds"));
+        let text = crate::hint::render(&r.unwrap_err());
+        assert!(
+            text.starts_with("error: tract crashed on this model: panicked at"),
+            "{text}"
+        );
+        assert!(text.contains("index out of bounds"), "{text}");
+        assert!(
+            text.contains("hint: the model uses a case tract does not handle"),
+            "{text}"
+        );
+        // Outside a guard, and after one, nothing is swallowed.
+        assert_eq!(guard(|| Ok(3)).unwrap(), 3);
+        assert!(std::panic::catch_unwind(|| panic!("plain")).is_err());
     }
 }
