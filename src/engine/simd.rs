@@ -63,7 +63,9 @@ mod tests {
 
     #[test]
     fn both_versions_agree_bit_for_bit() {
-        let x: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5).collect();
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5)
+            .collect();
         let want: f32 = {
             let mut acc = [0f32; 8];
             for c in x.chunks_exact(8) {

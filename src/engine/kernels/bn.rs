@@ -133,7 +133,9 @@ multiversion! {
 /// `y = x * scale[c] + shift[c]`.
 pub fn affine(g: &BnGeom, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
     let group = group_len(g.n * g.c, g.plane);
-    for_each_group(y, g.plane, group, |first, ys| affine_planes(x, first, g.c, g.plane, scale, shift, ys));
+    for_each_group(y, g.plane, group, |first, ys| {
+        affine_planes(x, first, g.c, g.plane, scale, shift, ys)
+    });
 }
 
 multiversion! {
@@ -180,7 +182,17 @@ pub fn batch_stats(g: &BnGeom, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
 /// Training-mode forward: normalises with the batch statistics, which it also returns
 /// (`mean`, biased `var`, and `invstd = 1/sqrt(var + eps)` for the backward pass).
 #[allow(clippy::too_many_arguments)]
-pub fn train_forward(g: &BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], mean: &mut [f32], var: &mut [f32], invstd: &mut [f32]) {
+pub fn train_forward(
+    g: &BnGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+    mean: &mut [f32],
+    var: &mut [f32],
+    invstd: &mut [f32],
+) {
     batch_stats(g, x, mean, var);
     let mut scale = vec![0.0; g.c];
     let mut shift = vec![0.0; g.c];
@@ -193,14 +205,38 @@ pub fn train_forward(g: &BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], eps: f3
 }
 
 /// Folds running statistics into a per-channel `scale` and `shift`.
-pub fn eval_coefficients(gamma: &[f32], beta: &[f32], rmean: &[f32], rvar: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let scale: Vec<f32> = gamma.iter().zip(rvar).map(|(&gm, &v)| (gm as f64 / (v as f64 + eps as f64).sqrt()) as f32).collect();
-    let shift = beta.iter().zip(rmean).zip(&scale).map(|((&b, &m), &s)| b - m * s).collect();
+pub fn eval_coefficients(
+    gamma: &[f32],
+    beta: &[f32],
+    rmean: &[f32],
+    rvar: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = gamma
+        .iter()
+        .zip(rvar)
+        .map(|(&gm, &v)| (gm as f64 / (v as f64 + eps as f64).sqrt()) as f32)
+        .collect();
+    let shift = beta
+        .iter()
+        .zip(rmean)
+        .zip(&scale)
+        .map(|((&b, &m), &s)| b - m * s)
+        .collect();
     (scale, shift)
 }
 
 /// Inference-mode forward with running statistics.
-pub fn eval_forward(g: &BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], rmean: &[f32], rvar: &[f32], eps: f32, y: &mut [f32]) {
+pub fn eval_forward(
+    g: &BnGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    rmean: &[f32],
+    rvar: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) {
     let (scale, shift) = eval_coefficients(gamma, beta, rmean, rvar, eps);
     affine(g, x, &scale, &shift, y);
 }
@@ -208,13 +244,25 @@ pub fn eval_forward(g: &BnGeom, x: &[f32], gamma: &[f32], beta: &[f32], rmean: &
 /// Per channel: `(sum(dy), sum(dy * (x - mean)))`.
 fn grad_sums(g: &BnGeom, x: &[f32], dy: &[f32], mean: &[f32]) -> Vec<(f64, f64)> {
     // The shift is the f32 mean, which is what the backward formula uses.
-    per_channel(g, |ch| channel_grad_sums(x, dy, g.n, g.c, g.plane, ch, mean[ch]))
+    per_channel(g, |ch| {
+        channel_grad_sums(x, dy, g.n, g.c, g.plane, ch, mean[ch])
+    })
 }
 
 /// Training-mode gradients (batch statistics are functions of `x`). `dgamma`, `dbeta` and
 /// `dx` (when asked for) are overwritten.
 #[allow(clippy::too_many_arguments)]
-pub fn train_backward(g: &BnGeom, x: &[f32], dy: &[f32], gamma: &[f32], mean: &[f32], invstd: &[f32], dx: Option<&mut [f32]>, dgamma: &mut [f32], dbeta: &mut [f32]) {
+pub fn train_backward(
+    g: &BnGeom,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    dx: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
     let sums = grad_sums(g, x, dy, mean);
     let m = g.count() as f64;
     // dx = gamma*invstd * (dy - mean(dy) - xhat * mean(dy * xhat)) = a*dy + b*x + c per channel.
@@ -234,7 +282,9 @@ pub fn train_backward(g: &BnGeom, x: &[f32], dy: &[f32], gamma: &[f32], mean: &[
     }
     if let Some(dx) = dx {
         let group = group_len(g.n * g.c, g.plane);
-        for_each_group(dx, g.plane, group, |first, dxs| dx_planes(x, dy, first, g.c, g.plane, &ka, &kb, &kc, dxs));
+        for_each_group(dx, g.plane, group, |first, dxs| {
+            dx_planes(x, dy, first, g.c, g.plane, &ka, &kb, &kc, dxs)
+        });
     }
 }
 
@@ -255,7 +305,18 @@ multiversion! {
 
 /// Inference-mode gradients (running statistics are constants).
 #[allow(clippy::too_many_arguments)]
-pub fn eval_backward(g: &BnGeom, x: &[f32], dy: &[f32], gamma: &[f32], rmean: &[f32], rvar: &[f32], eps: f32, dx: Option<&mut [f32]>, dgamma: &mut [f32], dbeta: &mut [f32]) {
+pub fn eval_backward(
+    g: &BnGeom,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    rmean: &[f32],
+    rvar: &[f32],
+    eps: f32,
+    dx: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
     let sums = grad_sums(g, x, dy, rmean);
     let mut scale = vec![0f32; g.c];
     for ch in 0..g.c {
@@ -272,7 +333,14 @@ pub fn eval_backward(g: &BnGeom, x: &[f32], dy: &[f32], gamma: &[f32], rmean: &[
 /// Running-statistics update with the ONNX convention `running = momentum * running +
 /// (1 - momentum) * batch`; the variance fed in is unbiased (`var * m / (m - 1)`), as PyTorch
 /// does.
-pub fn update_running(g: &BnGeom, momentum: f32, mean: &[f32], var: &[f32], rmean: &mut [f32], rvar: &mut [f32]) {
+pub fn update_running(
+    g: &BnGeom,
+    momentum: f32,
+    mean: &[f32],
+    var: &[f32],
+    rmean: &mut [f32],
+    rvar: &mut [f32],
+) {
     let m = g.count() as f64;
     let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
     let mo = momentum as f64;
@@ -291,7 +359,9 @@ mod tests {
     fn naive_train(g: &BnGeom, x: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> Vec<f64> {
         let mut y = vec![0.0; g.len()];
         for ch in 0..g.c {
-            let idx: Vec<usize> = (0..g.n).flat_map(|i| (0..g.plane).map(move |k| (i * g.c + ch) * g.plane + k)).collect();
+            let idx: Vec<usize> = (0..g.n)
+                .flat_map(|i| (0..g.plane).map(move |k| (i * g.c + ch) * g.plane + k))
+                .collect();
             let m = idx.len() as f64;
             let mu = idx.iter().map(|&i| x[i]).sum::<f64>() / m;
             let var = idx.iter().map(|&i| (x[i] - mu).powi(2)).sum::<f64>() / m;
@@ -302,31 +372,76 @@ mod tests {
         y
     }
 
-    fn naive_eval(g: &BnGeom, x: &[f64], gamma: &[f64], beta: &[f64], rm: &[f64], rv: &[f64], eps: f64) -> Vec<f64> {
-        (0..g.len()).map(|i| {
-            let ch = (i / g.plane) % g.c;
-            (x[i] - rm[ch]) / (rv[ch] + eps).sqrt() * gamma[ch] + beta[ch]
-        }).collect()
+    fn naive_eval(
+        g: &BnGeom,
+        x: &[f64],
+        gamma: &[f64],
+        beta: &[f64],
+        rm: &[f64],
+        rv: &[f64],
+        eps: f64,
+    ) -> Vec<f64> {
+        (0..g.len())
+            .map(|i| {
+                let ch = (i / g.plane) % g.c;
+                (x[i] - rm[ch]) / (rv[ch] + eps).sqrt() * gamma[ch] + beta[ch]
+            })
+            .collect()
     }
 
     fn check(g: BnGeom, seed: u64) {
         let mut r = rng(seed);
-        let x: Vec<f32> = rand_vec(&mut r, g.len()).iter().map(|v| v * 3.0 + 0.5).collect();
+        let x: Vec<f32> = rand_vec(&mut r, g.len())
+            .iter()
+            .map(|v| v * 3.0 + 0.5)
+            .collect();
         let gamma = rand_vec(&mut r, g.c);
         let beta = rand_vec(&mut r, g.c);
         let rm = rand_vec(&mut r, g.c);
-        let rv: Vec<f32> = rand_vec(&mut r, g.c).iter().map(|v| v.abs() + 0.5).collect();
+        let rv: Vec<f32> = rand_vec(&mut r, g.c)
+            .iter()
+            .map(|v| v.abs() + 0.5)
+            .collect();
         let dy = rand_vec(&mut r, g.len());
         let eps = 1e-5;
-        let (mut y, mut mean, mut var, mut inv) = (vec![0.0; g.len()], vec![0.0; g.c], vec![0.0; g.c], vec![0.0; g.c]);
-        train_forward(&g, &x, &gamma, &beta, eps, &mut y, &mut mean, &mut var, &mut inv);
+        let (mut y, mut mean, mut var, mut inv) = (
+            vec![0.0; g.len()],
+            vec![0.0; g.c],
+            vec![0.0; g.c],
+            vec![0.0; g.c],
+        );
+        train_forward(
+            &g, &x, &gamma, &beta, eps, &mut y, &mut mean, &mut var, &mut inv,
+        );
         let want = naive_train(&g, &f64s(&x), &f64s(&gamma), &f64s(&beta), eps as f64);
         assert_close(&y, &want, 1e-4, 1e-4, "bn train forward");
         let (mut dx, mut dg, mut db) = (vec![0.0; g.len()], vec![0.0; g.c], vec![0.0; g.c]);
-        train_backward(&g, &x, &dy, &gamma, &mean, &inv, Some(&mut dx), &mut dg, &mut db);
-        let fx = numeric_grad(|xv| naive_train(&g, xv, &f64s(&gamma), &f64s(&beta), eps as f64), &x, &dy);
-        let fg = numeric_grad(|gv| naive_train(&g, &f64s(&x), gv, &f64s(&beta), eps as f64), &gamma, &dy);
-        let fb = numeric_grad(|bv| naive_train(&g, &f64s(&x), &f64s(&gamma), bv, eps as f64), &beta, &dy);
+        train_backward(
+            &g,
+            &x,
+            &dy,
+            &gamma,
+            &mean,
+            &inv,
+            Some(&mut dx),
+            &mut dg,
+            &mut db,
+        );
+        let fx = numeric_grad(
+            |xv| naive_train(&g, xv, &f64s(&gamma), &f64s(&beta), eps as f64),
+            &x,
+            &dy,
+        );
+        let fg = numeric_grad(
+            |gv| naive_train(&g, &f64s(&x), gv, &f64s(&beta), eps as f64),
+            &gamma,
+            &dy,
+        );
+        let fb = numeric_grad(
+            |bv| naive_train(&g, &f64s(&x), &f64s(&gamma), bv, eps as f64),
+            &beta,
+            &dy,
+        );
         // When a channel has one value per batch its output is constant, so dx is ~0 and the
         // finite difference is dominated by rounding: compare absolutely.
         assert_close(&dx, &fx, 2e-4, 1e-3, "bn train dx");
@@ -334,12 +449,49 @@ mod tests {
         assert_close(&db, &fb, 1e-4, 1e-4, "bn train dbeta");
 
         eval_forward(&g, &x, &gamma, &beta, &rm, &rv, eps, &mut y);
-        let ev = |xv: &[f64], gv: &[f64], bv: &[f64]| naive_eval(&g, xv, gv, bv, &f64s(&rm), &f64s(&rv), eps as f64);
-        assert_close(&y, &ev(&f64s(&x), &f64s(&gamma), &f64s(&beta)), 1e-5, 1e-5, "bn eval forward");
-        eval_backward(&g, &x, &dy, &gamma, &rm, &rv, eps, Some(&mut dx), &mut dg, &mut db);
-        assert_close(&dx, &numeric_grad(|xv| ev(xv, &f64s(&gamma), &f64s(&beta)), &x, &dy), 1e-4, 1e-4, "bn eval dx");
-        assert_close(&dg, &numeric_grad(|gv| ev(&f64s(&x), gv, &f64s(&beta)), &gamma, &dy), 1e-4, 1e-4, "bn eval dgamma");
-        assert_close(&db, &numeric_grad(|bv| ev(&f64s(&x), &f64s(&gamma), bv), &beta, &dy), 1e-4, 1e-4, "bn eval dbeta");
+        let ev = |xv: &[f64], gv: &[f64], bv: &[f64]| {
+            naive_eval(&g, xv, gv, bv, &f64s(&rm), &f64s(&rv), eps as f64)
+        };
+        assert_close(
+            &y,
+            &ev(&f64s(&x), &f64s(&gamma), &f64s(&beta)),
+            1e-5,
+            1e-5,
+            "bn eval forward",
+        );
+        eval_backward(
+            &g,
+            &x,
+            &dy,
+            &gamma,
+            &rm,
+            &rv,
+            eps,
+            Some(&mut dx),
+            &mut dg,
+            &mut db,
+        );
+        assert_close(
+            &dx,
+            &numeric_grad(|xv| ev(xv, &f64s(&gamma), &f64s(&beta)), &x, &dy),
+            1e-4,
+            1e-4,
+            "bn eval dx",
+        );
+        assert_close(
+            &dg,
+            &numeric_grad(|gv| ev(&f64s(&x), gv, &f64s(&beta)), &gamma, &dy),
+            1e-4,
+            1e-4,
+            "bn eval dgamma",
+        );
+        assert_close(
+            &db,
+            &numeric_grad(|bv| ev(&f64s(&x), &f64s(&gamma), bv), &beta, &dy),
+            1e-4,
+            1e-4,
+            "bn eval dbeta",
+        );
     }
 
     proptest! {
@@ -353,16 +505,47 @@ mod tests {
 
     #[test]
     fn parallel_path() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        pool.install(|| check(BnGeom { n: 3, c: 5, plane: 40 }, 9));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            check(
+                BnGeom {
+                    n: 3,
+                    c: 5,
+                    plane: 40,
+                },
+                9,
+            )
+        });
         // Large enough for channels in parallel; compare forward only (finite differences
         // over 40k inputs would be slow) against the single-thread result bit for bit.
-        let g = BnGeom { n: 8, c: 16, plane: 300 };
+        let g = BnGeom {
+            n: 8,
+            c: 16,
+            plane: 300,
+        };
         let mut r = rng(1);
         let x = rand_vec(&mut r, g.len());
         let run = || {
-            let (mut y, mut m, mut v, mut i) = (vec![0.0; g.len()], vec![0.0; g.c], vec![0.0; g.c], vec![0.0; g.c]);
-            train_forward(&g, &x, &vec![1.0; g.c], &vec![0.0; g.c], 1e-5, &mut y, &mut m, &mut v, &mut i);
+            let (mut y, mut m, mut v, mut i) = (
+                vec![0.0; g.len()],
+                vec![0.0; g.c],
+                vec![0.0; g.c],
+                vec![0.0; g.c],
+            );
+            train_forward(
+                &g,
+                &x,
+                &vec![1.0; g.c],
+                &vec![0.0; g.c],
+                1e-5,
+                &mut y,
+                &mut m,
+                &mut v,
+                &mut i,
+            );
             y
         };
         assert_eq!(pool.install(run), run());
@@ -370,7 +553,11 @@ mod tests {
 
     #[test]
     fn running_update_uses_unbiased_variance() {
-        let g = BnGeom { n: 2, c: 1, plane: 2 };
+        let g = BnGeom {
+            n: 2,
+            c: 1,
+            plane: 2,
+        };
         let (mut rm, mut rv) = (vec![1.0], vec![1.0]);
         update_running(&g, 0.9, &[2.0], &[3.0], &mut rm, &mut rv);
         assert!((rm[0] - 1.1).abs() < 1e-6);

@@ -3,9 +3,9 @@
 //! same three kernels with the roles of input and output swapped.
 
 use super::window::Phased;
-use crate::engine::simd::multiversion;
 use super::{for_each_group, group_len, threads, valid_range};
 use crate::engine::linalg::{matmul, Mat, Par};
+use crate::engine::simd::multiversion;
 use rayon::prelude::*;
 
 /// Resolved geometry of one convolution over NCHW data (a 1-D convolution is `h = kh = 1`).
@@ -58,8 +58,14 @@ impl ConvGeom {
     }
     /// A 1x1, stride-1, unpadded convolution reads its input as the im2col matrix directly.
     pub fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.pt == 0 && self.pl == 0
-            && self.oh == self.h && self.ow == self.w
+        self.kh == 1
+            && self.kw == 1
+            && self.sh == 1
+            && self.sw == 1
+            && self.pt == 0
+            && self.pl == 0
+            && self.oh == self.h
+            && self.ow == self.w
     }
     /// One input channel per group: the direct kernels beat im2col here.
     pub fn is_depthwise(&self) -> bool {
@@ -201,7 +207,9 @@ multiversion! {
 
 /// `y = conv(x, w) + b`; `y` is overwritten.
 pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
-    debug_assert!(x.len() == g.input_len() && w.len() == g.weight_len() && y.len() == g.output_len());
+    debug_assert!(
+        x.len() == g.input_len() && w.len() == g.weight_len() && y.len() == g.output_len()
+    );
     if g.is_depthwise() {
         return depthwise_forward(g, x, w, b, y);
     }
@@ -209,9 +217,17 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f
     let per_image_out = g.c_out * ohw;
     let group = group_len(g.n, g.flops_per_image());
     // Few images: let GEMM split the work instead of the images.
-    let par = if group >= g.n && g.n < threads() { Par::Pool } else { Par::Seq };
+    let par = if group >= g.n && g.n < threads() {
+        Par::Pool
+    } else {
+        Par::Seq
+    };
     for_each_group(y, per_image_out, group, |first, ys| {
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![0.0; kdim * ohw] };
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![0.0; kdim * ohw]
+        };
         for (i, yimg) in ys.chunks_mut(per_image_out).enumerate() {
             let ximg = &x[(first + i) * g.c_in * g.in_plane()..][..g.c_in * g.in_plane()];
             for gi in 0..g.groups {
@@ -229,7 +245,18 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f
                     }
                 }
                 let wg = &w[gi * cog * kdim..][..cog * kdim];
-                matmul(cog, ohw, kdim, yg, ohw, Mat::rows(wg, kdim), Mat::rows(rhs, ohw), 1.0, b.is_some(), par);
+                matmul(
+                    cog,
+                    ohw,
+                    kdim,
+                    yg,
+                    ohw,
+                    Mat::rows(wg, kdim),
+                    Mat::rows(rhs, ohw),
+                    1.0,
+                    b.is_some(),
+                    par,
+                );
             }
         }
     });
@@ -237,16 +264,26 @@ pub fn forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f
 
 /// `dx = conv^T(dy, w)`, the gradient with respect to the input; `dx` is overwritten.
 pub fn backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
-    debug_assert!(dx.len() == g.input_len() && w.len() == g.weight_len() && dy.len() == g.output_len());
+    debug_assert!(
+        dx.len() == g.input_len() && w.len() == g.weight_len() && dy.len() == g.output_len()
+    );
     if g.is_depthwise() {
         return depthwise_backward_data(g, dy, w, dx);
     }
     let (kdim, ohw, cog, cig) = (g.kdim(), g.out_plane(), g.cog(), g.cig());
     let per_image_in = g.c_in * g.in_plane();
     let group = group_len(g.n, g.flops_per_image());
-    let par = if group >= g.n && g.n < threads() { Par::Pool } else { Par::Seq };
+    let par = if group >= g.n && g.n < threads() {
+        Par::Pool
+    } else {
+        Par::Seq
+    };
     for_each_group(dx, per_image_in, group, |first, dxs| {
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![0.0; kdim * ohw] };
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![0.0; kdim * ohw]
+        };
         for (i, dximg) in dxs.chunks_mut(per_image_in).enumerate() {
             let dyimg = &dy[(first + i) * g.c_out * ohw..][..g.c_out * ohw];
             for gi in 0..g.groups {
@@ -254,9 +291,31 @@ pub fn backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
                 let wg = &w[gi * cog * kdim..][..cog * kdim];
                 let dxg = &mut dximg[gi * cig * g.in_plane()..][..cig * g.in_plane()];
                 if g.is_pointwise() {
-                    matmul(kdim, ohw, cog, dxg, ohw, Mat::rows_t(wg, kdim), Mat::rows(dyg, ohw), 1.0, false, par);
+                    matmul(
+                        kdim,
+                        ohw,
+                        cog,
+                        dxg,
+                        ohw,
+                        Mat::rows_t(wg, kdim),
+                        Mat::rows(dyg, ohw),
+                        1.0,
+                        false,
+                        par,
+                    );
                 } else {
-                    matmul(kdim, ohw, cog, &mut col, ohw, Mat::rows_t(wg, kdim), Mat::rows(dyg, ohw), 1.0, false, par);
+                    matmul(
+                        kdim,
+                        ohw,
+                        cog,
+                        &mut col,
+                        ohw,
+                        Mat::rows_t(wg, kdim),
+                        Mat::rows(dyg, ohw),
+                        1.0,
+                        false,
+                        par,
+                    );
                     dxg.fill(0.0);
                     col2im(g, &mut col, dxg);
                 }
@@ -269,16 +328,26 @@ pub fn backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
 /// the same groups for every call with the same sizes and thread count, and the partial
 /// sums are added in group order, so the result is reproducible.
 pub fn backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    debug_assert!(x.len() == g.input_len() && dw.len() == g.weight_len() && dy.len() == g.output_len());
+    debug_assert!(
+        x.len() == g.input_len() && dw.len() == g.weight_len() && dy.len() == g.output_len()
+    );
     if g.is_depthwise() {
         return depthwise_backward_weight(g, x, dy, dw);
     }
     let group = group_len(g.n, g.flops_per_image());
     let n_groups = g.n.div_ceil(group);
-    let par = if n_groups == 1 && g.n < threads() { Par::Pool } else { Par::Seq };
+    let par = if n_groups == 1 && g.n < threads() {
+        Par::Pool
+    } else {
+        Par::Seq
+    };
     let partial = |first: usize, out: &mut [f32]| {
         let (kdim, ohw, cog, cig) = (g.kdim(), g.out_plane(), g.cog(), g.cig());
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![0.0; kdim * ohw] };
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![0.0; kdim * ohw]
+        };
         for img in first..(first + group).min(g.n) {
             let ximg = &x[img * g.c_in * g.in_plane()..][..g.c_in * g.in_plane()];
             let dyimg = &dy[img * g.c_out * ohw..][..g.c_out * ohw];
@@ -292,7 +361,18 @@ pub fn backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                 };
                 let dyg = &dyimg[gi * cog * ohw..][..cog * ohw];
                 let dwg = &mut out[gi * cog * kdim..][..cog * kdim];
-                matmul(cog, kdim, ohw, dwg, kdim, Mat::rows(dyg, ohw), Mat::rows_t(rhs, ohw), 1.0, img != first, par);
+                matmul(
+                    cog,
+                    kdim,
+                    ohw,
+                    dwg,
+                    kdim,
+                    Mat::rows(dyg, ohw),
+                    Mat::rows_t(rhs, ohw),
+                    1.0,
+                    img != first,
+                    par,
+                );
             }
         }
     };
@@ -300,7 +380,10 @@ pub fn backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         return partial(0, dw);
     }
     let mut parts = vec![0.0f32; n_groups * dw.len()];
-    parts.par_chunks_mut(dw.len()).enumerate().for_each(|(i, p)| partial(i * group, p));
+    parts
+        .par_chunks_mut(dw.len())
+        .enumerate()
+        .for_each(|(i, p)| partial(i * group, p));
     dw.copy_from_slice(&parts[..dw.len()]);
     for p in parts.chunks(dw.len()).skip(1) {
         for (d, v) in dw.iter_mut().zip(p) {
@@ -311,14 +394,21 @@ pub fn backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
 
 /// Per-channel sums of an NCHW tensor (a bias gradient); `out` is overwritten.
 pub fn channel_sums(x: &[f32], n: usize, c: usize, plane: usize, out: &mut [f32]) {
-    out.par_iter_mut().enumerate().with_min_len(c.div_ceil(threads()).max(1)).for_each(|(ch, o)| {
-        let s: f64 = (0..n).map(|i| super::sum_f64(&x[(i * c + ch) * plane..][..plane])).sum();
-        *o = s as f32;
-    });
+    out.par_iter_mut()
+        .enumerate()
+        .with_min_len(c.div_ceil(threads()).max(1))
+        .for_each(|(ch, o)| {
+            let s: f64 = (0..n)
+                .map(|i| super::sum_f64(&x[(i * c + ch) * plane..][..plane]))
+                .sum();
+            *o = s as f32;
+        });
 }
 
 fn phased(g: &ConvGeom) -> Phased {
-    Phased::new(g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl)
+    Phased::new(
+        g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+    )
 }
 
 /// `y[i] += a * x[i]`.
@@ -381,7 +471,15 @@ fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &
         for (i, yp) in ys.chunks_mut(ohw).enumerate() {
             let (img, oc) = ((first + i) / g.c_out, (first + i) % g.c_out);
             let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
-            dw_forward_plane(&ph, &mut q, &mut run, xp, &w[oc * taps..][..taps], b.map_or(0.0, |b| b[oc]), yp);
+            dw_forward_plane(
+                &ph,
+                &mut q,
+                &mut run,
+                xp,
+                &w[oc * taps..][..taps],
+                b.map_or(0.0, |b| b[oc]),
+                yp,
+            );
         }
     });
 }
@@ -395,7 +493,14 @@ fn depthwise_backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) 
         for (i, dxp) in dxs.chunks_mut(g.in_plane()).enumerate() {
             let (img, ic) = ((first + i) / g.c_in, (first + i) % g.c_in);
             let dys = &dy[(img * g.c_out + ic * cog) * ohw..][..cog * ohw];
-            dw_backward_data_plane(&ph, &mut dq, &mut run, dys, &w[ic * cog * taps..][..cog * taps], dxp);
+            dw_backward_data_plane(
+                &ph,
+                &mut dq,
+                &mut run,
+                dys,
+                &w[ic * cog * taps..][..cog * taps],
+                dxp,
+            );
         }
     });
 }
@@ -463,8 +568,13 @@ pub(crate) mod tests {
                                 for kx in 0..g.kw {
                                     let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
                                     let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                        s += x[((n * g.c_in + ic) * g.h + iy as usize) * g.w + ix as usize]
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < g.h
+                                        && (ix as usize) < g.w
+                                    {
+                                        s += x[((n * g.c_in + ic) * g.h + iy as usize) * g.w
+                                            + ix as usize]
                                             * w[((oc * cig + c) * g.kh + ky) * g.kw + kx];
                                     }
                                 }
@@ -495,8 +605,13 @@ pub(crate) mod tests {
                                 for kx in 0..g.kw {
                                     let iy = (oy * g.sh + ky * g.dh) as isize - g.pt as isize;
                                     let ix = (ox * g.sw + kx * g.dw) as isize - g.pl as isize;
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                        let xi = ((n * g.c_in + ic) * g.h + iy as usize) * g.w + ix as usize;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < g.h
+                                        && (ix as usize) < g.w
+                                    {
+                                        let xi = ((n * g.c_in + ic) * g.h + iy as usize) * g.w
+                                            + ix as usize;
                                         let wi = ((oc * cig + c) * g.kh + ky) * g.kw + kx;
                                         dx[xi] += d * w[wi];
                                         dw[wi] += d * x[xi];
@@ -512,16 +627,53 @@ pub(crate) mod tests {
     }
 
     pub fn geom_strategy() -> impl Strategy<Value = ConvGeom> {
-        ((1usize..4, 1usize..4, 1usize..4, 1usize..4, 1usize..8, 1usize..8), (1usize..3, 1usize..3, 1usize..3, 1usize..3),
-            (0usize..3, 0usize..3, 0usize..3, 0usize..3, 1usize..4, 1usize..4))
-            .prop_filter_map("kernel larger than padded input", |((n, groups, cig, cog, h, w), (sh, sw, dh, dw), (pt, pl, pb, pr, kh, kw))| {
-                let (eh, ew) = ((kh - 1) * dh + 1, (kw - 1) * dw + 1);
-                if h + pt + pb < eh || w + pl + pr < ew {
-                    return None;
-                }
-                let (oh, ow) = ((h + pt + pb - eh) / sh + 1, (w + pl + pr - ew) / sw + 1);
-                Some(ConvGeom { n, c_in: groups * cig, h, w, c_out: groups * cog, kh, kw, sh, sw, dh, dw, pt, pl, groups, oh, ow })
-            })
+        (
+            (
+                1usize..4,
+                1usize..4,
+                1usize..4,
+                1usize..4,
+                1usize..8,
+                1usize..8,
+            ),
+            (1usize..3, 1usize..3, 1usize..3, 1usize..3),
+            (
+                0usize..3,
+                0usize..3,
+                0usize..3,
+                0usize..3,
+                1usize..4,
+                1usize..4,
+            ),
+        )
+            .prop_filter_map(
+                "kernel larger than padded input",
+                |((n, groups, cig, cog, h, w), (sh, sw, dh, dw), (pt, pl, pb, pr, kh, kw))| {
+                    let (eh, ew) = ((kh - 1) * dh + 1, (kw - 1) * dw + 1);
+                    if h + pt + pb < eh || w + pl + pr < ew {
+                        return None;
+                    }
+                    let (oh, ow) = ((h + pt + pb - eh) / sh + 1, (w + pl + pr - ew) / sw + 1);
+                    Some(ConvGeom {
+                        n,
+                        c_in: groups * cig,
+                        h,
+                        w,
+                        c_out: groups * cog,
+                        kh,
+                        kw,
+                        sh,
+                        sw,
+                        dh,
+                        dw,
+                        pt,
+                        pl,
+                        groups,
+                        oh,
+                        ow,
+                    })
+                },
+            )
     }
 
     fn check(g: &ConvGeom, seed: u64) {
@@ -532,7 +684,13 @@ pub(crate) mod tests {
         let dy = rand_vec(&mut r, g.output_len());
         let mut y = vec![f32::NAN; g.output_len()];
         forward(g, &x, &w, Some(&b), &mut y);
-        assert_close(&y, &naive_forward(g, &f64s(&x), &f64s(&w), Some(&f64s(&b))), 1e-5, 1e-5, "conv forward");
+        assert_close(
+            &y,
+            &naive_forward(g, &f64s(&x), &f64s(&w), Some(&f64s(&b))),
+            1e-5,
+            1e-5,
+            "conv forward",
+        );
         let (want_dx, want_dw) = naive_backward(g, &f64s(&x), &f64s(&w), &f64s(&dy));
         let mut dx = vec![f32::NAN; g.input_len()];
         backward_data(g, &dy, &w, &mut dx);
@@ -543,7 +701,12 @@ pub(crate) mod tests {
         let mut db = vec![f32::NAN; g.c_out];
         channel_sums(&dy, g.n, g.c_out, g.out_plane(), &mut db);
         let want_db: Vec<f64> = (0..g.c_out)
-            .map(|c| (0..g.n).flat_map(|n| dy[(n * g.c_out + c) * g.out_plane()..][..g.out_plane()].iter()).map(|&v| v as f64).sum())
+            .map(|c| {
+                (0..g.n)
+                    .flat_map(|n| dy[(n * g.c_out + c) * g.out_plane()..][..g.out_plane()].iter())
+                    .map(|&v| v as f64)
+                    .sum()
+            })
             .collect();
         assert_close(&db, &want_db, 1e-5, 1e-5, "conv db");
     }
@@ -558,19 +721,58 @@ pub(crate) mod tests {
 
     #[test]
     fn larger_cases_use_every_path() {
-        let base = ConvGeom { n: 5, c_in: 6, h: 9, w: 11, c_out: 6, kh: 3, kw: 3, sh: 1, sw: 1, dh: 1, dw: 1, pt: 1, pl: 1, groups: 1, oh: 9, ow: 11 };
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let base = ConvGeom {
+            n: 5,
+            c_in: 6,
+            h: 9,
+            w: 11,
+            c_out: 6,
+            kh: 3,
+            kw: 3,
+            sh: 1,
+            sw: 1,
+            dh: 1,
+            dw: 1,
+            pt: 1,
+            pl: 1,
+            groups: 1,
+            oh: 9,
+            ow: 11,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         for (groups, sh, dh) in [(1, 1, 1), (6, 1, 1), (6, 2, 1), (3, 2, 2), (2, 1, 2)] {
             let eff = 2 * dh + 1;
             let oh = (9 + 2 - eff) / sh + 1;
             let ow = (11 + 2 - eff) / sh + 1;
-            let g = ConvGeom { groups, sh, sw: sh, dh, dw: dh, oh, ow, n: 40, ..base.clone() };
+            let g = ConvGeom {
+                groups,
+                sh,
+                sw: sh,
+                dh,
+                dw: dh,
+                oh,
+                ow,
+                n: 40,
+                ..base.clone()
+            };
             pool.install(|| check(&g, 7));
             check(&g, 8);
         }
         // Unit strides with `ow == w` take the shifted-copy im2col; dilated and asymmetric.
         for (dh, pt, pl, oh) in [(2, 2, 2, 9), (1, 0, 1, 8), (1, 2, 1, 10)] {
-            let g = ConvGeom { n: 3, dh, dw: dh, pt, pl, oh, ow: 11, ..base.clone() };
+            let g = ConvGeom {
+                n: 3,
+                dh,
+                dw: dh,
+                pt,
+                pl,
+                oh,
+                ow: 11,
+                ..base.clone()
+            };
             assert!(flat_shift(&g));
             check(&g, 9);
         }
@@ -578,8 +780,32 @@ pub(crate) mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        let g = ConvGeom { n: 2, c_in: 4, h: 5, w: 4, c_out: 4, kh: 3, kw: 2, sh: 2, sw: 1, dh: 1, dw: 2, pt: 1, pl: 1, groups: 2, oh: 3, ow: 3 };
-        for g in [g.clone(), ConvGeom { groups: 4, c_out: 8, ..g }] {
+        let g = ConvGeom {
+            n: 2,
+            c_in: 4,
+            h: 5,
+            w: 4,
+            c_out: 4,
+            kh: 3,
+            kw: 2,
+            sh: 2,
+            sw: 1,
+            dh: 1,
+            dw: 2,
+            pt: 1,
+            pl: 1,
+            groups: 2,
+            oh: 3,
+            ow: 3,
+        };
+        for g in [
+            g.clone(),
+            ConvGeom {
+                groups: 4,
+                c_out: 8,
+                ..g
+            },
+        ] {
             let mut r = rng(3);
             let x = rand_vec(&mut r, g.input_len());
             let w = rand_vec(&mut r, g.weight_len());

@@ -29,7 +29,20 @@ pub struct Phased {
 
 impl Phased {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(h: usize, w: usize, oh: usize, ow: usize, kh: usize, kw: usize, sh: usize, sw: usize, dh: usize, dw: usize, pt: usize, pl: usize) -> Phased {
+    pub fn new(
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+        kh: usize,
+        kw: usize,
+        sh: usize,
+        sw: usize,
+        dh: usize,
+        dw: usize,
+        pt: usize,
+        pl: usize,
+    ) -> Phased {
         let rows = (oh.max(1) - 1) * sh + (kh - 1) * dh + 1;
         let cols = (ow.max(1) - 1) * sw + (kw - 1) * dw + 1;
         // One spare row: scratch lanes of the last output row read past the last used row.
@@ -44,7 +57,20 @@ impl Phased {
                 tap_rc.push((ry as isize - pt as isize, rx as isize - pl as isize));
             }
         }
-        Phased { h, w, oh, ow, sh, sw, pt, pl, qh, qw, taps, tap_rc }
+        Phased {
+            h,
+            w,
+            oh,
+            ow,
+            sh,
+            sw,
+            pt,
+            pl,
+            qh,
+            qw,
+            taps,
+            tap_rc,
+        }
     }
 
     /// Values per phase plane.
