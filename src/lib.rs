@@ -7,9 +7,13 @@
 pub mod bench;
 pub mod commands;
 pub mod data;
+pub mod distill;
 pub mod engine;
+pub mod gate;
 pub mod hint;
 pub mod onnx;
 pub mod printer;
+pub mod quant;
+pub mod recipe;
 pub mod runtime;
 pub mod util;

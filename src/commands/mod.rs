@@ -1,5 +1,14 @@
 //! One module per subcommand; each takes its parsed flags and returns an [`ExitStatus`].
 
+pub mod bench;
+pub mod distill;
+pub mod gate;
+pub mod inspect;
+pub mod pipeline;
+pub mod quantize;
+pub mod reporters;
+pub mod run;
+
 /// How a command ended. Errors (bad input, missing files, unsupported ops) are returned as
 /// `Err` and map to exit code 2 in `main`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

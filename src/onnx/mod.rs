@@ -3,6 +3,7 @@
 pub mod ir;
 pub mod load;
 pub mod shape;
+pub mod summary;
 pub mod tensor;
 
 #[allow(clippy::all, missing_docs, rustdoc::all)]

@@ -137,9 +137,25 @@ multiversion! {
             macro_rules! rowloop {
                 ($op:expr) => {
                     match (sa, sb) {
-                        (0, _) => { let av = a[oa]; for (o, &bv) in row.iter_mut().zip(&b[ob..ob + len]) { *o = $op.apply(av, bv); } }
-                        (_, 0) => { let bv = b[ob]; for (o, &av) in row.iter_mut().zip(&a[oa..oa + len]) { *o = $op.apply(av, bv); } }
-                        _ => for ((o, &av), &bv) in row.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len]) { *o = $op.apply(av, bv); },
+                        (0, _) => {
+                            let av = a[oa];
+                            for (o, &bv) in row.iter_mut().zip(&b[ob..ob + len]) {
+                                *o = $op.apply(av, bv);
+                            }
+                        }
+                        (_, 0) => {
+                            let bv = b[ob];
+                            for (o, &av) in row.iter_mut().zip(&a[oa..oa + len]) {
+                                *o = $op.apply(av, bv);
+                            }
+                        }
+                        _ => {
+                            for ((o, &av), &bv) in
+                                row.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len])
+                            {
+                                *o = $op.apply(av, bv);
+                            }
+                        }
                     }
                 };
             }
