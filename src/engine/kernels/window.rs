@@ -178,6 +178,88 @@ impl Phased {
     }
 }
 
+/// Unit-stride windows whose output rows are as wide as the input rows (`ow == w`, e.g. 3x3
+/// with padding 1): output `i` of a tap reads input `i + shift` of the flat plane, so each
+/// tap is one contiguous run over the plane with no copy into phases. The outputs near the
+/// left or right edge would read the neighbouring row instead of padding; reading from a copy
+/// of the plane with those columns zeroed (`mask_input`, or `mask_output` on the gradient
+/// side) makes them read zeros.
+#[derive(Debug, Clone)]
+pub struct Flat {
+    pub w: usize,
+    /// Values per input plane and per output plane.
+    pub in_len: usize,
+    pub out_len: usize,
+    pub taps: Vec<FlatTap>,
+    /// The distinct non-zero column offsets; `FlatTap::mask` indexes this list.
+    pub masks: Vec<isize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FlatTap {
+    pub shift: isize,
+    /// Output positions `lo..hi` read inside the plane (empty when the tap only reads
+    /// padding).
+    pub lo: usize,
+    pub hi: usize,
+    pub mask: Option<usize>,
+}
+
+impl Flat {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(h: usize, w: usize, oh: usize, kh: usize, kw: usize, dh: usize, dw: usize, pt: usize, pl: usize) -> Flat {
+        let (in_len, out_len) = (h * w, oh * w);
+        let mut masks: Vec<isize> = Vec::new();
+        let mut taps = Vec::with_capacity(kh * kw);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let offy = (ky * dh) as isize - pt as isize;
+                let offx = (kx * dw) as isize - pl as isize;
+                let (ylo, yhi) = valid_range(oh, 1, offy, h);
+                let shift = offy * w as isize + offx;
+                let (lo, hi) = if offx.unsigned_abs() >= w {
+                    (0, 0)
+                } else {
+                    let lo = ((ylo * w) as isize).max(-shift).min((yhi * w) as isize) as usize;
+                    let hi = ((yhi * w) as isize).min(in_len as isize - shift).max(lo as isize) as usize;
+                    (lo, hi)
+                };
+                let mask = (offx != 0 && lo < hi).then(|| match masks.iter().position(|&m| m == offx) {
+                    Some(i) => i,
+                    None => {
+                        masks.push(offx);
+                        masks.len() - 1
+                    }
+                });
+                taps.push(FlatTap { shift, lo, hi, mask });
+            }
+        }
+        Flat { w, in_len, out_len, taps, masks }
+    }
+
+    /// `src` (an input plane) with the columns that only wrapped-around reads of taps with
+    /// column offset `c` reach set to zero.
+    #[inline]
+    pub fn mask_input(&self, src: &[f32], c: isize, dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+        let (a, b) = if c < 0 { (self.w - c.unsigned_abs(), self.w) } else { (0, c as usize) };
+        for row in dst.chunks_mut(self.w) {
+            row[a..b].fill(0.0);
+        }
+    }
+
+    /// `src` (an output-gradient plane) with the outputs whose reads wrap around, for taps
+    /// with column offset `c`, set to zero.
+    #[inline]
+    pub fn mask_output(&self, src: &[f32], c: isize, dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+        let (a, b) = if c < 0 { (0, c.unsigned_abs()) } else { (self.w - c as usize, self.w) };
+        for row in dst.chunks_mut(self.w) {
+            row[a..b].fill(0.0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +288,26 @@ mod tests {
                 }
                 // Scratch lanes stay inside the phase plane.
                 prop_assert!(off + p.run() <= p.phase_len());
+            }
+            if s == 1 && ow == w {
+                let fl = Flat::new(h, w, oh, k, k, d, d, pt, pl);
+                for (t, tap) in fl.taps.iter().enumerate() {
+                    let (ky, kx) = (t / k, t % k);
+                    let mut src = x.clone();
+                    if let Some(m) = tap.mask {
+                        fl.mask_input(&x, fl.masks[m], &mut src);
+                    }
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let i = oy * ow + ox;
+                            let r = (oy + ky * d) as isize - pt as isize;
+                            let c = (ox + kx * d) as isize - pl as isize;
+                            let want = if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w { x[r as usize * w + c as usize] } else { 0.0 };
+                            let got = if (tap.lo..tap.hi).contains(&i) { src[(i as isize + tap.shift) as usize] } else { 0.0 };
+                            prop_assert_eq!(got, want, "tap {} output ({}, {})", t, oy, ox);
+                        }
+                    }
+                }
             }
             let mut back = vec![f32::NAN; h * w];
             p.gather_input(&q, &mut back);
