@@ -203,6 +203,21 @@ impl Phased {
     }
 }
 
+/// Zeroes columns `a..b` of every row. A 3x3 kernel zeroes one column: a plain store per
+/// row, where `fill` would call `memset` for each.
+#[inline(always)]
+fn zero_columns(plane: &mut [f32], w: usize, a: usize, b: usize) {
+    if b == a + 1 {
+        for row in plane.chunks_exact_mut(w) {
+            row[a] = 0.0;
+        }
+    } else {
+        for row in plane.chunks_mut(w) {
+            row[a..b].fill(0.0);
+        }
+    }
+}
+
 /// `dst[k] = src[k * S]`, with `src` exactly `(dst.len() - 1) * S + 1` long. A constant
 /// stride over whole `[f32; S]` chunks lets LLVM vectorise the strided load.
 #[inline(always)]
@@ -303,9 +318,7 @@ impl Flat {
     pub fn mask_input(&self, src: &[f32], c: isize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
         let (a, b) = if c < 0 { (self.w - c.unsigned_abs(), self.w) } else { (0, c as usize) };
-        for row in dst.chunks_mut(self.w) {
-            row[a..b].fill(0.0);
-        }
+        zero_columns(dst, self.w, a, b);
     }
 
     /// `src` (an output-gradient plane) with the outputs whose reads wrap around, for taps
@@ -314,9 +327,7 @@ impl Flat {
     pub fn mask_output(&self, src: &[f32], c: isize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
         let (a, b) = if c < 0 { (0, c.unsigned_abs()) } else { (self.w - c as usize, self.w) };
-        for row in dst.chunks_mut(self.w) {
-            row[a..b].fill(0.0);
-        }
+        zero_columns(dst, self.w, a, b);
     }
 }
 
