@@ -32,8 +32,10 @@ fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     let mut worst = (0.0f32, 0usize);
     for (i, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
         let excess = (g - w).abs() - (ATOL + RTOL * w.abs());
-        if !(excess <= 0.0) && excess.max(f32::MAX * (g.is_nan() as u8 as f32)) >= worst.0 {
-            worst = (excess.max(f32::MIN_POSITIVE), i);
+        // NaN never passes: it counts as the worst possible element.
+        let excess = if g.is_nan() { f32::MAX } else { excess };
+        if excess > 0.0 && excess >= worst.0 {
+            worst = (excess, i);
         }
     }
     assert!(
@@ -115,28 +117,28 @@ fn run_case(case: &Value) {
     let fwd = net
         .forward_inputs(&refs, mode, &mut rng())
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    let (outputs, dys): (Vec<(String, Tensor)>, Vec<(String, Tensor)>) =
-        if let Some(o) = case.get("outputs") {
-            let outs = o
-                .as_object()
-                .expect("outputs")
-                .iter()
-                .map(|(k, v)| (k.clone(), tensor(v)))
-                .collect();
-            let dys = case["dys"]
-                .as_object()
-                .expect("dys")
-                .iter()
-                .map(|(k, v)| (k.clone(), tensor(v)))
-                .collect();
-            (outs, dys)
-        } else {
-            let dys = case
-                .get("dy")
-                .map(|d| vec![("y".to_string(), tensor(d))])
-                .unwrap_or_default();
-            (vec![("y".to_string(), tensor(&case["output"]))], dys)
-        };
+    type Named = Vec<(String, Tensor)>;
+    let (outputs, dys): (Named, Named) = if let Some(o) = case.get("outputs") {
+        let outs = o
+            .as_object()
+            .expect("outputs")
+            .iter()
+            .map(|(k, v)| (k.clone(), tensor(v)))
+            .collect();
+        let dys = case["dys"]
+            .as_object()
+            .expect("dys")
+            .iter()
+            .map(|(k, v)| (k.clone(), tensor(v)))
+            .collect();
+        (outs, dys)
+    } else {
+        let dys = case
+            .get("dy")
+            .map(|d| vec![("y".to_string(), tensor(d))])
+            .unwrap_or_default();
+        (vec![("y".to_string(), tensor(&case["output"]))], dys)
+    };
     for (o, want) in &outputs {
         let got = fwd
             .get(o)
@@ -309,9 +311,13 @@ fn cross_entropy(logits: &Tensor, labels: &[usize]) -> (f64, Tensor) {
         let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         let z: f64 = row.iter().map(|&v| (v as f64 - mx).exp()).sum();
         loss += -(row[labels[i]] as f64 - mx - z.ln());
-        for j in 0..k {
-            let p = (row[j] as f64 - mx).exp() / z;
-            grad.data[i * k + j] = ((p - if j == labels[i] { 1.0 } else { 0.0 }) / n as f64) as f32;
+        for (j, (&v, g)) in row
+            .iter()
+            .zip(&mut grad.data[i * k..(i + 1) * k])
+            .enumerate()
+        {
+            let p = (v as f64 - mx).exp() / z;
+            *g = ((p - if j == labels[i] { 1.0 } else { 0.0 }) / n as f64) as f32;
         }
     }
     (loss / n as f64, grad)

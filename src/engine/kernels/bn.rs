@@ -160,6 +160,7 @@ multiversion! {
 
 multiversion! {
     /// `(sum(dy), sum(dy * (x - mean)))` of channel `ch`.
+    #[allow(clippy::too_many_arguments)]
     fn channel_grad_sums(x: &[f32], dy: &[f32], n: usize, c: usize, plane: usize, ch: usize, mean: f32) -> (f64, f64) {
         let mut acc = Sums::default();
         for i in 0..n {
@@ -227,6 +228,7 @@ pub fn eval_coefficients(
 }
 
 /// Inference-mode forward with running statistics.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_forward(
     g: &BnGeom,
     x: &[f32],

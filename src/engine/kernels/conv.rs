@@ -421,7 +421,9 @@ enum DwLayout {
 impl DwLayout {
     fn new(g: &ConvGeom) -> DwLayout {
         if flat_shift(g) {
-            DwLayout::Flat(Flat::new(g.h, g.w, g.oh, g.kh, g.kw, g.dh, g.dw, g.pt, g.pl))
+            DwLayout::Flat(Flat::new(
+                g.h, g.w, g.oh, g.kh, g.kw, g.dh, g.dw, g.pt, g.pl,
+            ))
         } else {
             DwLayout::Phased(phased(g))
         }
@@ -429,7 +431,10 @@ impl DwLayout {
     /// Scratch for one task: masked copies, or phase planes and a run.
     fn scratch(&self) -> (Vec<f32>, Vec<f32>) {
         match self {
-            DwLayout::Flat(f) => (vec![0.0; f.masks.len() * f.in_len.max(f.out_len)], Vec::new()),
+            DwLayout::Flat(f) => (
+                vec![0.0; f.masks.len() * f.in_len.max(f.out_len)],
+                Vec::new(),
+            ),
             DwLayout::Phased(p) => (vec![0.0; p.len()], vec![0.0; p.run()]),
         }
     }
@@ -554,7 +559,15 @@ fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &
             let (img, oc) = ((first + i) / g.c_out, (first + i) % g.c_out);
             let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
             let bias = b.map_or(0.0, |b| b[oc]);
-            dw_forward_plane(&lay, &mut q, &mut run, xp, &w[oc * taps..][..taps], bias, yp);
+            dw_forward_plane(
+                &lay,
+                &mut q,
+                &mut run,
+                xp,
+                &w[oc * taps..][..taps],
+                bias,
+                yp,
+            );
         }
     });
 }
@@ -834,7 +847,18 @@ pub(crate) mod tests {
         // flat-run kernels; dilated and asymmetric, with channel multipliers 1 and 2.
         for (dh, pt, pl, oh) in [(2, 2, 2, 9), (1, 0, 1, 8), (1, 2, 1, 10)] {
             for (groups, c_out) in [(1, 6), (6, 6), (6, 12)] {
-                let g = ConvGeom { n: 3, dh, dw: dh, pt, pl, oh, ow: 11, groups, c_out, ..base.clone() };
+                let g = ConvGeom {
+                    n: 3,
+                    dh,
+                    dw: dh,
+                    pt,
+                    pl,
+                    oh,
+                    ow: 11,
+                    groups,
+                    c_out,
+                    ..base.clone()
+                };
                 assert!(flat_shift(&g));
                 check(&g, 9);
             }

@@ -282,7 +282,17 @@ pub struct FlatTap {
 
 impl Flat {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(h: usize, w: usize, oh: usize, kh: usize, kw: usize, dh: usize, dw: usize, pt: usize, pl: usize) -> Flat {
+    pub fn new(
+        h: usize,
+        w: usize,
+        oh: usize,
+        kh: usize,
+        kw: usize,
+        dh: usize,
+        dw: usize,
+        pt: usize,
+        pl: usize,
+    ) -> Flat {
         let (in_len, out_len) = (h * w, oh * w);
         let mut masks: Vec<isize> = Vec::new();
         let mut taps = Vec::with_capacity(kh * kw);
@@ -296,20 +306,34 @@ impl Flat {
                     (0, 0)
                 } else {
                     let lo = ((ylo * w) as isize).max(-shift).min((yhi * w) as isize) as usize;
-                    let hi = ((yhi * w) as isize).min(in_len as isize - shift).max(lo as isize) as usize;
+                    let hi = ((yhi * w) as isize)
+                        .min(in_len as isize - shift)
+                        .max(lo as isize) as usize;
                     (lo, hi)
                 };
-                let mask = (offx != 0 && lo < hi).then(|| match masks.iter().position(|&m| m == offx) {
-                    Some(i) => i,
-                    None => {
-                        masks.push(offx);
-                        masks.len() - 1
-                    }
+                let mask =
+                    (offx != 0 && lo < hi).then(|| match masks.iter().position(|&m| m == offx) {
+                        Some(i) => i,
+                        None => {
+                            masks.push(offx);
+                            masks.len() - 1
+                        }
+                    });
+                taps.push(FlatTap {
+                    shift,
+                    lo,
+                    hi,
+                    mask,
                 });
-                taps.push(FlatTap { shift, lo, hi, mask });
             }
         }
-        Flat { w, in_len, out_len, taps, masks }
+        Flat {
+            w,
+            in_len,
+            out_len,
+            taps,
+            masks,
+        }
     }
 
     /// `src` (an input plane) with the columns that only wrapped-around reads of taps with
@@ -317,7 +341,11 @@ impl Flat {
     #[inline]
     pub fn mask_input(&self, src: &[f32], c: isize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
-        let (a, b) = if c < 0 { (self.w - c.unsigned_abs(), self.w) } else { (0, c as usize) };
+        let (a, b) = if c < 0 {
+            (self.w - c.unsigned_abs(), self.w)
+        } else {
+            (0, c as usize)
+        };
         zero_columns(dst, self.w, a, b);
     }
 
@@ -326,7 +354,11 @@ impl Flat {
     #[inline]
     pub fn mask_output(&self, src: &[f32], c: isize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
-        let (a, b) = if c < 0 { (0, c.unsigned_abs()) } else { (self.w - c as usize, self.w) };
+        let (a, b) = if c < 0 {
+            (0, c.unsigned_abs())
+        } else {
+            (self.w - c as usize, self.w)
+        };
         zero_columns(dst, self.w, a, b);
     }
 }
