@@ -579,6 +579,30 @@ fn net_value_after(fwd: &super::Forward, op: &str) -> String {
         .expect("op present")
 }
 
+/// PyTorch's `x.view(x.size(0), -1)` exports as Shape -> Gather -> Unsqueeze -> Concat ->
+/// Reshape; planning folds the shape computation for each batch size.
+#[test]
+fn shape_subgraphs_are_folded_when_planning() {
+    let refs = load_refs();
+    let case = refs["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["name"] == "torch_view_flatten")
+        .expect("view case")
+        .clone();
+    let mut net = Net::from_model(&case_model(&case)).expect("model");
+    let x = tensor(&case["inputs"]["x"]);
+    let fwd = net.forward(&x, Mode::Eval, &mut rng()).expect("forward");
+    let ops: Vec<&str> = fwd.plan.steps.iter().map(|s| s.op_type.as_str()).collect();
+    assert_eq!(ops, ["Conv", "Relu", "Reshape", "Gemm"]);
+    let one = net
+        .forward(&x.batch_slice(1..2).expect("slice"), Mode::Eval, &mut rng())
+        .expect("batch of one");
+    assert_eq!(one.output().shape, vec![1, 5]);
+    assert_eq!(one.output().data, fwd.output().data[5..10]);
+}
+
 #[test]
 fn dropout_is_seeded_in_training_and_identity_in_eval() {
     let refs = load_refs();
