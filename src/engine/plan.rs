@@ -291,6 +291,47 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Constant",
 ];
 
+/// Ops that only appear on shapes and constants and are folded when planning.
+const FOLDED_ONLY: &[&str] = &["Shape", "Gather", "Constant"];
+
+/// Refuses operators the engine has no builder for, naming the first such node.
+pub fn check_op_types(graph: &Graph) -> Result<()> {
+    for node in &graph.nodes {
+        ensure!(
+            node.domain.is_empty() || node.domain == "ai.onnx",
+            node.unsupported(format!(
+                "operators of domain `{}` cannot be trained; only the default ONNX domain is supported",
+                node.domain
+            ))
+        );
+        let known = BUILDERS.iter().any(|(n, _)| *n == node.op_type) || FOLDED_ONLY.contains(&node.op_type.as_str());
+        ensure!(
+            known,
+            "operator `{}` (node `{}`) is not supported by the training engine; supported: {}",
+            node.op_type,
+            node.name,
+            SUPPORTED_OPS.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Like `net::downstream_without_backward`, from the graph alone (no shapes): nodes without
+/// a backward pass that read, directly or not, a parameter.
+pub fn graph_nodes_without_backward(graph: &Graph, roles: &Roles) -> Vec<String> {
+    let mut tainted: HashSet<&str> = roles.params.keys().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for n in &graph.nodes {
+        if n.inputs.iter().any(|i| tainted.contains(i.as_str())) {
+            if matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear") {
+                out.push(format!("`{}` ({})", n.name, n.op_type));
+            }
+            tainted.extend(n.outputs.iter().map(String::as_str));
+        }
+    }
+    out
+}
+
 /// Builds the plan for `input_shapes` (graph input name to concrete shape).
 pub fn build(
     graph: &Graph,
