@@ -764,17 +764,29 @@ fn unsupported_cases_name_the_node() {
 #[test]
 fn symbolic_spatial_sizes_plan_on_first_use() {
     let mut model = load("teacher.onnx");
-    let dims = model.graph.inputs[0].shape.as_mut().expect("declared shape");
+    let dims = model.graph.inputs[0]
+        .shape
+        .as_mut()
+        .expect("declared shape");
     dims[2] = onnx::Dim::Param("h".into());
     dims[3] = onnx::Dim::Param("w".into());
     let mut net = Net::from_model(&model).expect("symbolic sizes");
     let digits = raw_f32("digits_small_x");
     let fwd = net.forward(&digits, Mode::Eval, &mut rng()).expect("28x28");
-    assert_close(fwd.output(), &raw_f32("teacher"), "teacher with symbolic sizes");
-    assert!(net.forward(&Tensor::zeros(&[2, 1, 32, 32]), Mode::Eval, &mut rng()).is_ok());
+    assert_close(
+        fwd.output(),
+        &raw_f32("teacher"),
+        "teacher with symbolic sizes",
+    );
+    assert!(net
+        .forward(&Tensor::zeros(&[2, 1, 32, 32]), Mode::Eval, &mut rng())
+        .is_ok());
     model.graph.nodes[0].op_type = "Erf".into();
     let msg = format!("{:#}", Net::from_model(&model).err().expect("Erf"));
-    assert!(msg.contains("`Erf`") && msg.contains(&model.graph.nodes[0].name), "{msg}");
+    assert!(
+        msg.contains("`Erf`") && msg.contains(&model.graph.nodes[0].name),
+        "{msg}"
+    );
 }
 
 #[test]

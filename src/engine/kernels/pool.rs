@@ -422,7 +422,24 @@ mod tests {
     #[test]
     fn tiled_windows_match_naive() {
         for (k, h, w) in [(2, 7, 9), (2, 8, 8), (3, 9, 7), (2, 2, 3)] {
-            let g = PoolGeom { n: 2, c: 3, h, w, kh: k, kw: k, sh: k, sw: k, dh: 1, dw: 1, pt: 0, pl: 0, pb: 0, pr: 0, oh: h / k, ow: w / k };
+            let g = PoolGeom {
+                n: 2,
+                c: 3,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: k,
+                sw: k,
+                dh: 1,
+                dw: 1,
+                pt: 0,
+                pl: 0,
+                pb: 0,
+                pr: 0,
+                oh: h / k,
+                ow: w / k,
+            };
             let n = g.planes() * g.in_plane();
             let mut x: Vec<f32> = (0..n).map(|i| i as f32 / n as f32 - 0.5).collect();
             use rand::seq::SliceRandom;
@@ -430,13 +447,42 @@ mod tests {
             let dy = rand_vec(&mut rng(3), g.planes() * g.out_plane());
             let (mut y, mut am) = (vec![0.0; dy.len()], vec![0; dy.len()]);
             max_forward(&g, &x, &mut y, &mut am);
-            assert_close(&y, &naive_max(&g, &f64s(&x)), 0.0, 0.0, "tiled maxpool forward");
+            assert_close(
+                &y,
+                &naive_max(&g, &f64s(&x)),
+                0.0,
+                0.0,
+                "tiled maxpool forward",
+            );
             let mut dx = vec![f32::NAN; n];
             max_backward(&g, &dy, &am, &mut dx);
-            assert_close(&dx, &numeric_grad(|xv| naive_max(&g, xv), &x, &dy), 1e-4, 1e-4, "tiled maxpool dx");
+            assert_close(
+                &dx,
+                &numeric_grad(|xv| naive_max(&g, xv), &x, &dy),
+                1e-4,
+                1e-4,
+                "tiled maxpool dx",
+            );
         }
         // Ties go to the first element of the window, as in PyTorch.
-        let g = PoolGeom { n: 1, c: 1, h: 2, w: 2, kh: 2, kw: 2, sh: 2, sw: 2, dh: 1, dw: 1, pt: 0, pl: 0, pb: 0, pr: 0, oh: 1, ow: 1 };
+        let g = PoolGeom {
+            n: 1,
+            c: 1,
+            h: 2,
+            w: 2,
+            kh: 2,
+            kw: 2,
+            sh: 2,
+            sw: 2,
+            dh: 1,
+            dw: 1,
+            pt: 0,
+            pl: 0,
+            pb: 0,
+            pr: 0,
+            oh: 1,
+            ow: 1,
+        };
         let (mut y, mut am) = (vec![0.0], vec![9]);
         max_forward(&g, &[0.5, 1.0, 1.0, 1.0], &mut y, &mut am);
         assert_eq!((y[0], am[0]), (1.0, 1));
