@@ -56,9 +56,9 @@ impl Trainer {
         for (i, row) in logits.data.chunks(k).enumerate() {
             let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let z: f32 = row.iter().map(|v| (v - mx).exp()).sum();
-            for j in 0..k {
-                let p = (row[j] - mx).exp() / z;
-                d.data[i * k + j] = (p - (j == self.labels[i]) as u8 as f32) / n as f32;
+            for (j, (&v, g)) in row.iter().zip(&mut d.data[i * k..(i + 1) * k]).enumerate() {
+                let p = (v - mx).exp() / z;
+                *g = (p - (j == self.labels[i]) as u8 as f32) / n as f32;
             }
         }
         let grads = self

@@ -209,16 +209,25 @@ impl Net {
             no_backward: Vec::new(),
             bufs: Arc::default(),
         };
-        // Plan once with batch 1 so unsupported ops and attributes fail now.
-        let shapes = onnx::shape::input_shapes(&net.graph, 1)?;
-        let plan = net.plan_for(
-            net.graph
-                .inputs
-                .iter()
-                .map(|v| shapes[&v.name].clone())
-                .collect(),
-        )?;
-        net.no_backward = downstream_without_backward(&plan, &net.roles);
+        // Plan once with batch 1 so unsupported ops and attributes fail now. Inputs with
+        // symbolic sizes besides the batch have no concrete plan yet: then only operator
+        // names are checked now, the rest on the first forward pass.
+        match onnx::shape::input_shapes(&net.graph, 1) {
+            Ok(shapes) => {
+                let plan = net.plan_for(
+                    net.graph
+                        .inputs
+                        .iter()
+                        .map(|v| shapes[&v.name].clone())
+                        .collect(),
+                )?;
+                net.no_backward = downstream_without_backward(&plan, &net.roles);
+            }
+            Err(_) => {
+                plan::check_op_types(&net.graph)?;
+                net.no_backward = plan::graph_nodes_without_backward(&net.graph, &net.roles);
+            }
+        }
         Ok(net)
     }
 

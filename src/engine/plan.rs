@@ -192,7 +192,9 @@ pub struct Roles {
     pub state: HashMap<String, usize>,
 }
 
-/// Follows Identity nodes back from `name` to the initializer they forward, if any.
+/// Follows value-preserving nodes (Identity, Transpose, Reshape and the like) back from
+/// `name` to the initializer they rearrange, if any: exporters without constant folding
+/// feed weights through them (`Transpose(weight) -> MatMul`).
 fn through_identity<'g>(
     graph: &'g Graph,
     producers: &HashMap<&str, usize>,
@@ -200,7 +202,14 @@ fn through_identity<'g>(
 ) -> &'g str {
     for _ in 0..graph.nodes.len() {
         match producers.get(name).map(|&i| &graph.nodes[i]) {
-            Some(n) if n.op_type == "Identity" => name = n.inputs[0].as_str(),
+            Some(n)
+                if matches!(
+                    n.op_type.as_str(),
+                    "Identity" | "Transpose" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze"
+                ) =>
+            {
+                name = n.inputs[0].as_str()
+            }
             _ => break,
         }
     }
@@ -208,17 +217,30 @@ fn through_identity<'g>(
 }
 
 /// Parameters are float initializers feeding Conv, ConvTranspose, Gemm or MatMul (weights and
-/// biases) or BatchNormalization's scale and bias; BatchNormalization's running mean and
-/// variance are state. Returns names in graph order.
+/// biases), added to the output of one of those (a separate bias), or BatchNormalization's
+/// scale and bias; BatchNormalization's running mean and variance are state. Returns names in
+/// graph order.
 pub fn classify(graph: &Graph) -> Result<(Vec<String>, Vec<String>)> {
     let producers = graph.producers();
     let mut params = Vec::new();
     let mut state = Vec::new();
     let mut seen = HashSet::new();
+    // The output of a node with weights, for biases added separately (PyTorch exports
+    // `Linear` on 3-D input as MatMul + Add).
+    let weighted = |name: &str| {
+        producers.get(name).is_some_and(|&i| {
+            matches!(
+                graph.nodes[i].op_type.as_str(),
+                "Conv" | "ConvTranspose" | "Gemm" | "MatMul"
+            )
+        })
+    };
     for n in &graph.nodes {
         let slots: &[(usize, bool)] = match n.op_type.as_str() {
             "Conv" | "ConvTranspose" | "Gemm" | "MatMul" => &[(0, false), (1, false), (2, false)],
             "BatchNormalization" => &[(1, false), (2, false), (3, true), (4, true)],
+            "Add" if n.input(0).is_some_and(weighted) => &[(1, false)],
+            "Add" if n.input(1).is_some_and(weighted) => &[(0, false)],
             _ => continue,
         };
         for &(i, is_state) in slots {
@@ -290,6 +312,48 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Gather",
     "Constant",
 ];
+
+/// Ops that only appear on shapes and constants and are folded when planning.
+const FOLDED_ONLY: &[&str] = &["Shape", "Gather", "Constant"];
+
+/// Refuses operators the engine has no builder for, naming the first such node.
+pub fn check_op_types(graph: &Graph) -> Result<()> {
+    for node in &graph.nodes {
+        ensure!(
+            node.domain.is_empty() || node.domain == "ai.onnx",
+            node.unsupported(format!(
+                "operators of domain `{}` cannot be trained; only the default ONNX domain is supported",
+                node.domain
+            ))
+        );
+        let known = BUILDERS.iter().any(|(n, _)| *n == node.op_type)
+            || FOLDED_ONLY.contains(&node.op_type.as_str());
+        ensure!(
+            known,
+            "operator `{}` (node `{}`) is not supported by the training engine; supported: {}",
+            node.op_type,
+            node.name,
+            SUPPORTED_OPS.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Like `net::downstream_without_backward`, from the graph alone (no shapes): nodes without
+/// a backward pass that read, directly or not, a parameter.
+pub fn graph_nodes_without_backward(graph: &Graph, roles: &Roles) -> Vec<String> {
+    let mut tainted: HashSet<&str> = roles.params.keys().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for n in &graph.nodes {
+        if n.inputs.iter().any(|i| tainted.contains(i.as_str())) {
+            if matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear") {
+                out.push(format!("`{}` ({})", n.name, n.op_type));
+            }
+            tainted.extend(n.outputs.iter().map(String::as_str));
+        }
+    }
+    out
+}
 
 /// Builds the plan for `input_shapes` (graph input name to concrete shape).
 pub fn build(

@@ -319,7 +319,7 @@ mod tests {
     ) -> (Vec<f64>, Vec<f64>) {
         let out = crate::onnx::shape::broadcast(a_shape, b_shape).unwrap();
         let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
-        for i in 0..dy.len() {
+        for (i, &g) in dy.iter().enumerate() {
             let idx = unravel(i, &out);
             let (ia, ib) = (src(&idx, a_shape), src(&idx, b_shape));
             let (x, y) = (a[ia], b[ib]);
@@ -329,8 +329,8 @@ mod tests {
                 BinOp::Mul => (y, x),
                 BinOp::Div => (1.0 / y, -x / (y * y)),
             };
-            da[ia] += dy[i] * ga;
-            db[ib] += dy[i] * gb;
+            da[ia] += g * ga;
+            db[ib] += g * gb;
         }
         (da, db)
     }

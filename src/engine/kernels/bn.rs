@@ -53,10 +53,15 @@ impl Sums {
                 accp[l] += x[l] * (y[l] - shift);
             }
         }
-        for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-            acc[l] += x;
-            accp[l] += x * (y - shift);
+        // The tail goes to lane 0: indexing the lanes by a variable would force them into
+        // memory and undo the vectorisation of the loop above.
+        let (mut t, mut tp) = (0f32, 0f32);
+        for (x, y) in ra.iter().zip(rb) {
+            t += x;
+            tp += x * (y - shift);
         }
+        acc[0] += t;
+        accp[0] += tp;
         (self.lanes, self.lanes_p) = (acc, accp);
         self.pending += a.len();
         if self.pending >= 1024 {
@@ -74,16 +79,21 @@ impl Sums {
                 accp[l] += d * d;
             }
         }
-        for (l, x) in ra.iter().enumerate() {
+        let mut tp = 0f32;
+        for x in ra {
             let d = x - shift;
-            accp[l] += d * d;
+            tp += d * d;
         }
+        accp[0] += tp;
         self.lanes_p = accp;
         self.pending += a.len();
         if self.pending >= 1024 {
             self.flush();
         }
     }
+    // Kept out of line: inlined into `add`, its f64 reduction of the lanes stops LLVM from
+    // keeping the lanes in vector registers.
+    #[inline(never)]
     fn flush(&mut self) {
         self.total += self.lanes.iter().map(|&v| v as f64).sum::<f64>();
         self.total_p += self.lanes_p.iter().map(|&v| v as f64).sum::<f64>();
@@ -150,6 +160,7 @@ multiversion! {
 
 multiversion! {
     /// `(sum(dy), sum(dy * (x - mean)))` of channel `ch`.
+    #[allow(clippy::too_many_arguments)]
     fn channel_grad_sums(x: &[f32], dy: &[f32], n: usize, c: usize, plane: usize, ch: usize, mean: f32) -> (f64, f64) {
         let mut acc = Sums::default();
         for i in 0..n {
@@ -217,6 +228,7 @@ pub fn eval_coefficients(
 }
 
 /// Inference-mode forward with running statistics.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_forward(
     g: &BnGeom,
     x: &[f32],

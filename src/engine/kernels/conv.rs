@@ -2,7 +2,7 @@
 //! loops for depthwise (one input channel per group). Transposed convolution reuses the
 //! same three kernels with the roles of input and output swapped.
 
-use super::window::Phased;
+use super::window::{Flat, Phased};
 use super::{for_each_group, group_len, threads, valid_range};
 use crate::engine::linalg::{matmul, Mat, Par};
 use crate::engine::simd::multiversion;
@@ -411,6 +411,35 @@ fn phased(g: &ConvGeom) -> Phased {
     )
 }
 
+/// How a depthwise convolution's taps read their plane: shifted runs of the plane itself
+/// (unit strides, `ow == w`) or runs of stride-phase copies (everything else).
+enum DwLayout {
+    Flat(Flat),
+    Phased(Phased),
+}
+
+impl DwLayout {
+    fn new(g: &ConvGeom) -> DwLayout {
+        if flat_shift(g) {
+            DwLayout::Flat(Flat::new(
+                g.h, g.w, g.oh, g.kh, g.kw, g.dh, g.dw, g.pt, g.pl,
+            ))
+        } else {
+            DwLayout::Phased(phased(g))
+        }
+    }
+    /// Scratch for one task: masked copies, or phase planes and a run.
+    fn scratch(&self) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            DwLayout::Flat(f) => (
+                vec![0.0; f.masks.len() * f.in_len.max(f.out_len)],
+                Vec::new(),
+            ),
+            DwLayout::Phased(p) => (vec![0.0; p.len()], vec![0.0; p.run()]),
+        }
+    }
+}
+
 /// `y[i] += a * x[i]`.
 #[inline(always)]
 fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -421,63 +450,122 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 
 multiversion! {
     /// One output plane of a depthwise convolution.
-    fn dw_forward_plane(ph: &Phased, q: &mut [f32], run: &mut [f32], x: &[f32], wk: &[f32], bias: f32, y: &mut [f32]) {
-        ph.scatter_input(x, q, 0.0);
-        run.fill(bias);
-        let (pl, n) = (ph.phase_len(), run.len());
-        for (t, &(phase, off)) in ph.taps.iter().enumerate() {
-            axpy(run, wk[t], &q[phase * pl + off..][..n]);
+    fn dw_forward_plane(lay: &DwLayout, q: &mut [f32], run: &mut [f32], x: &[f32], wk: &[f32], bias: f32, y: &mut [f32]) {
+        match lay {
+            DwLayout::Flat(fl) => {
+                let len = fl.in_len;
+                for (m, &c) in fl.masks.iter().enumerate() {
+                    fl.mask_input(x, c, &mut q[m * len..][..len]);
+                }
+                y.fill(bias);
+                for (t, tap) in fl.taps.iter().enumerate().filter(|(_, t)| t.lo < t.hi) {
+                    let src = match tap.mask {
+                        Some(m) => &q[m * len..][..len],
+                        None => x,
+                    };
+                    let s = (tap.lo as isize + tap.shift) as usize;
+                    axpy(&mut y[tap.lo..tap.hi], wk[t], &src[s..s + (tap.hi - tap.lo)]);
+                }
+            }
+            DwLayout::Phased(ph) => {
+                ph.scatter_input(x, q, 0.0);
+                run.fill(bias);
+                let (pl, n) = (ph.phase_len(), run.len());
+                for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                    axpy(run, wk[t], &q[phase * pl + off..][..n]);
+                }
+                ph.extract(run, y);
+            }
         }
-        ph.extract(run, y);
     }
 }
 
 multiversion! {
     /// One input plane's gradient: the output planes `dys` (its `cog` channels) spread back
     /// through their kernels `wks`.
-    fn dw_backward_data_plane(ph: &Phased, dq: &mut [f32], run: &mut [f32], dys: &[f32], wks: &[f32], dx: &mut [f32]) {
-        dq.fill(0.0);
-        let (pl, n, taps, ohw) = (ph.phase_len(), run.len(), ph.taps.len(), ph.oh * ph.ow);
-        for (dy, wk) in dys.chunks(ohw).zip(wks.chunks(taps)) {
-            ph.spread(dy, run);
-            for (t, &(phase, off)) in ph.taps.iter().enumerate() {
-                axpy(&mut dq[phase * pl + off..][..n], wk[t], run);
+    fn dw_backward_data_plane(lay: &DwLayout, dq: &mut [f32], run: &mut [f32], dys: &[f32], wks: &[f32], dx: &mut [f32]) {
+        match lay {
+            DwLayout::Flat(fl) => {
+                let (len, taps) = (fl.out_len, fl.taps.len());
+                dx.fill(0.0);
+                for (dy, wk) in dys.chunks(len).zip(wks.chunks(taps)) {
+                    for (m, &c) in fl.masks.iter().enumerate() {
+                        fl.mask_output(dy, c, &mut dq[m * len..][..len]);
+                    }
+                    for (t, tap) in fl.taps.iter().enumerate().filter(|(_, t)| t.lo < t.hi) {
+                        let src = match tap.mask {
+                            Some(m) => &dq[m * len..][..len],
+                            None => dy,
+                        };
+                        let s = (tap.lo as isize + tap.shift) as usize;
+                        axpy(&mut dx[s..s + (tap.hi - tap.lo)], wk[t], &src[tap.lo..tap.hi]);
+                    }
+                }
+            }
+            DwLayout::Phased(ph) => {
+                dq.fill(0.0);
+                let (pl, n, taps, ohw) = (ph.phase_len(), run.len(), ph.taps.len(), ph.oh * ph.ow);
+                for (dy, wk) in dys.chunks(ohw).zip(wks.chunks(taps)) {
+                    ph.spread(dy, run);
+                    for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                        axpy(&mut dq[phase * pl + off..][..n], wk[t], run);
+                    }
+                }
+                ph.gather_input(dq, dx);
             }
         }
-        ph.gather_input(dq, dx);
     }
 }
 
 multiversion! {
     /// Adds one image's contribution to one channel's kernel gradient.
-    fn dw_backward_weight_plane(ph: &Phased, q: &mut [f32], run: &mut [f32], x: &[f32], dy: &[f32], acc: &mut [f64]) {
-        ph.scatter_input(x, q, 0.0);
-        ph.spread(dy, run);
-        let (pl, n) = (ph.phase_len(), run.len());
-        for (t, &(phase, off)) in ph.taps.iter().enumerate() {
-            acc[t] += dot32(run, &q[phase * pl + off..][..n]) as f64;
+    fn dw_backward_weight_plane(lay: &DwLayout, q: &mut [f32], run: &mut [f32], x: &[f32], dy: &[f32], acc: &mut [f64]) {
+        match lay {
+            DwLayout::Flat(fl) => {
+                let len = fl.in_len;
+                for (m, &c) in fl.masks.iter().enumerate() {
+                    fl.mask_input(x, c, &mut q[m * len..][..len]);
+                }
+                for (t, tap) in fl.taps.iter().enumerate().filter(|(_, t)| t.lo < t.hi) {
+                    let src = match tap.mask {
+                        Some(m) => &q[m * len..][..len],
+                        None => x,
+                    };
+                    let s = (tap.lo as isize + tap.shift) as usize;
+                    acc[t] += dot32(&dy[tap.lo..tap.hi], &src[s..s + (tap.hi - tap.lo)]) as f64;
+                }
+            }
+            DwLayout::Phased(ph) => {
+                ph.scatter_input(x, q, 0.0);
+                ph.spread(dy, run);
+                let (pl, n) = (ph.phase_len(), run.len());
+                for (t, &(phase, off)) in ph.taps.iter().enumerate() {
+                    acc[t] += dot32(run, &q[phase * pl + off..][..n]) as f64;
+                }
+            }
         }
     }
 }
 
 /// Direct depthwise forward: per output plane, each tap adds one contiguous run (see
-/// `window::Phased`).
+/// `window::Flat` and `window::Phased`).
 fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
-    let ph = phased(g);
+    let lay = DwLayout::new(g);
     let group = group_len(g.n * g.c_out, ohw * taps);
     for_each_group(y, ohw, group, |first, ys| {
-        let (mut q, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
+        let (mut q, mut run) = lay.scratch();
         for (i, yp) in ys.chunks_mut(ohw).enumerate() {
             let (img, oc) = ((first + i) / g.c_out, (first + i) % g.c_out);
             let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
+            let bias = b.map_or(0.0, |b| b[oc]);
             dw_forward_plane(
-                &ph,
+                &lay,
                 &mut q,
                 &mut run,
                 xp,
                 &w[oc * taps..][..taps],
-                b.map_or(0.0, |b| b[oc]),
+                bias,
                 yp,
             );
         }
@@ -486,32 +574,26 @@ fn depthwise_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &
 
 fn depthwise_backward_data(g: &ConvGeom, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
-    let ph = phased(g);
+    let lay = DwLayout::new(g);
     let group = group_len(g.n * g.c_in, ohw * taps * cog);
     for_each_group(dx, g.in_plane(), group, |first, dxs| {
-        let (mut dq, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
+        let (mut dq, mut run) = lay.scratch();
         for (i, dxp) in dxs.chunks_mut(g.in_plane()).enumerate() {
             let (img, ic) = ((first + i) / g.c_in, (first + i) % g.c_in);
             let dys = &dy[(img * g.c_out + ic * cog) * ohw..][..cog * ohw];
-            dw_backward_data_plane(
-                &ph,
-                &mut dq,
-                &mut run,
-                dys,
-                &w[ic * cog * taps..][..cog * taps],
-                dxp,
-            );
+            let wks = &w[ic * cog * taps..][..cog * taps];
+            dw_backward_data_plane(&lay, &mut dq, &mut run, dys, wks, dxp);
         }
     });
 }
 
 fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (ohw, cog, taps) = (g.out_plane(), g.cog(), g.kh * g.kw);
-    let ph = phased(g);
+    let lay = DwLayout::new(g);
     let group = group_len(g.c_out, g.n * ohw * taps);
     // One output channel's taps depend on that channel's planes only: no cross-task sums.
     for_each_group(dw, taps, group, |first, dws| {
-        let (mut q, mut run) = (vec![0.0; ph.len()], vec![0.0; ph.run()]);
+        let (mut q, mut run) = lay.scratch();
         let mut acc = vec![0f64; taps];
         for (i, wk) in dws.chunks_mut(taps).enumerate() {
             let oc = first + i;
@@ -519,7 +601,7 @@ fn depthwise_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32]
             for img in 0..g.n {
                 let xp = &x[(img * g.c_in + oc / cog) * g.in_plane()..][..g.in_plane()];
                 let dyp = &dy[(img * g.c_out + oc) * ohw..][..ohw];
-                dw_backward_weight_plane(&ph, &mut q, &mut run, xp, dyp, &mut acc);
+                dw_backward_weight_plane(&lay, &mut q, &mut run, xp, dyp, &mut acc);
             }
             for (d, a) in wk.iter_mut().zip(&acc) {
                 *d = *a as f32;
@@ -761,20 +843,25 @@ pub(crate) mod tests {
             pool.install(|| check(&g, 7));
             check(&g, 8);
         }
-        // Unit strides with `ow == w` take the shifted-copy im2col; dilated and asymmetric.
+        // Unit strides with `ow == w` take the shifted-copy im2col and, for depthwise, the
+        // flat-run kernels; dilated and asymmetric, with channel multipliers 1 and 2.
         for (dh, pt, pl, oh) in [(2, 2, 2, 9), (1, 0, 1, 8), (1, 2, 1, 10)] {
-            let g = ConvGeom {
-                n: 3,
-                dh,
-                dw: dh,
-                pt,
-                pl,
-                oh,
-                ow: 11,
-                ..base.clone()
-            };
-            assert!(flat_shift(&g));
-            check(&g, 9);
+            for (groups, c_out) in [(1, 6), (6, 6), (6, 12)] {
+                let g = ConvGeom {
+                    n: 3,
+                    dh,
+                    dw: dh,
+                    pt,
+                    pl,
+                    oh,
+                    ow: 11,
+                    groups,
+                    c_out,
+                    ..base.clone()
+                };
+                assert!(flat_shift(&g));
+                check(&g, 9);
+            }
         }
     }
 

@@ -62,7 +62,12 @@ pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     let run_group = |first: usize, ys: &mut [f32], am: &mut [u32]| {
         if tiled {
             for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
-                max_plane_tiled(g, &x[(first + i) * ihw..][..ihw], yp, ap);
+                let xp = &x[(first + i) * ihw..][..ihw];
+                if g.kh == 2 && g.kw == 2 {
+                    max_plane_2x2(g, xp, yp, ap);
+                } else {
+                    max_plane_tiled(g, xp, yp, ap);
+                }
             }
             return;
         }
@@ -90,6 +95,39 @@ pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
             .zip(argmax.par_chunks_mut(chunk))
             .enumerate()
             .for_each(|(i, (ys, am))| run_group(i * group, ys, am));
+    }
+}
+
+multiversion! {
+    /// 2x2 windows with stride 2: both rows of a window pair are read as `[f32; 2]` chunks and
+    /// the first maximum is picked with selects, which vectorises.
+    fn max_plane_2x2(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+        let (w, ow) = (g.w, g.ow);
+        for oy in 0..g.oh {
+            let (b0, b1) = (2 * oy * w, (2 * oy + 1) * w);
+            let (c0, _) = x[b0..b0 + 2 * ow].as_chunks::<2>();
+            let (c1, _) = x[b1..b1 + 2 * ow].as_chunks::<2>();
+            let yrow = &mut y[oy * ow..][..ow];
+            let arow = &mut argmax[oy * ow..][..ow];
+            for (ox, (((yo, ao), p), q)) in yrow.iter_mut().zip(arow.iter_mut()).zip(c0).zip(c1).enumerate() {
+                let (i0, i1) = ((b0 + 2 * ox) as u32, (b1 + 2 * ox) as u32);
+                let (mut m, mut at) = (p[0], i0);
+                if p[1] > m {
+                    m = p[1];
+                    at = i0 + 1;
+                }
+                if q[0] > m {
+                    m = q[0];
+                    at = i1;
+                }
+                if q[1] > m {
+                    m = q[1];
+                    at = i1 + 1;
+                }
+                *yo = m;
+                *ao = at;
+            }
+        }
     }
 }
 
@@ -381,13 +419,87 @@ mod tests {
             )
     }
 
+    #[test]
+    fn tiled_windows_match_naive() {
+        for (k, h, w) in [(2, 7, 9), (2, 8, 8), (3, 9, 7), (2, 2, 3)] {
+            let g = PoolGeom {
+                n: 2,
+                c: 3,
+                h,
+                w,
+                kh: k,
+                kw: k,
+                sh: k,
+                sw: k,
+                dh: 1,
+                dw: 1,
+                pt: 0,
+                pl: 0,
+                pb: 0,
+                pr: 0,
+                oh: h / k,
+                ow: w / k,
+            };
+            let n = g.planes() * g.in_plane();
+            let mut x: Vec<f32> = (0..n).map(|i| i as f32 / n as f32 - 0.5).collect();
+            use rand::seq::SliceRandom;
+            x.shuffle(&mut rng(k as u64));
+            let dy = rand_vec(&mut rng(3), g.planes() * g.out_plane());
+            let (mut y, mut am) = (vec![0.0; dy.len()], vec![0; dy.len()]);
+            max_forward(&g, &x, &mut y, &mut am);
+            assert_close(
+                &y,
+                &naive_max(&g, &f64s(&x)),
+                0.0,
+                0.0,
+                "tiled maxpool forward",
+            );
+            let mut dx = vec![f32::NAN; n];
+            max_backward(&g, &dy, &am, &mut dx);
+            assert_close(
+                &dx,
+                &numeric_grad(|xv| naive_max(&g, xv), &x, &dy),
+                1e-4,
+                1e-4,
+                "tiled maxpool dx",
+            );
+        }
+        // Ties go to the first element of the window, as in PyTorch.
+        let g = PoolGeom {
+            n: 1,
+            c: 1,
+            h: 2,
+            w: 2,
+            kh: 2,
+            kw: 2,
+            sh: 2,
+            sw: 2,
+            dh: 1,
+            dw: 1,
+            pt: 0,
+            pl: 0,
+            pb: 0,
+            pr: 0,
+            oh: 1,
+            ow: 1,
+        };
+        let (mut y, mut am) = (vec![0.0], vec![9]);
+        max_forward(&g, &[0.5, 1.0, 1.0, 1.0], &mut y, &mut am);
+        assert_eq!((y[0], am[0]), (1.0, 1));
+    }
+
     proptest! {
         #[test]
         fn max_matches_naive_and_finite_differences((g, _ceil) in strategy(), seed in any::<u64>()) {
             // Windows lying wholly in padding have no maximum; ONNX Runtime and PyTorch reject them.
             prop_assume!(naive_max(&g, &vec![0.0; g.planes() * g.in_plane()]).iter().all(|v| v.is_finite()));
+            // Distinct values spaced well apart: a near-tie within the finite-difference step
+            // would split the numeric gradient between two inputs.
             let mut r = rng(seed);
-            let x = rand_vec(&mut r, g.planes() * g.in_plane());
+            let n = g.planes() * g.in_plane();
+            let mut x: Vec<f32> = (0..n).map(|i| i as f32 * 2.0 / n as f32 - 1.0).collect();
+            use rand::seq::SliceRandom;
+            x.shuffle(&mut r);
             let dy = rand_vec(&mut r, g.planes() * g.out_plane());
             let mut y = vec![0.0; dy.len()];
             let mut am = vec![0; dy.len()];
