@@ -9,7 +9,11 @@ use shrink::runtime::{self, BackendKind, RuntimeOptions};
 use crate::util::{Dir, Output};
 
 fn fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 /// A short run: 1000 training samples, batches of 32, one epoch, two threads; `extra` flags
@@ -32,7 +36,10 @@ fn distill_args(out: &str, extra: &[&str]) -> Vec<String> {
     let mut i = 0;
     while i < extra.len() {
         let key = extra[i].to_string();
-        let value = extra.get(i + 1).filter(|v| !v.starts_with("--")).map(|v| v.to_string());
+        let value = extra
+            .get(i + 1)
+            .filter(|v| !v.starts_with("--"))
+            .map(|v| v.to_string());
         i += 1 + usize::from(value.is_some());
         let repeatable = matches!(key.as_str(), "--metrics" | "--hint");
         match flags.iter_mut().find(|(k, _)| *k == key) {
@@ -54,7 +61,11 @@ fn run(dir: &Dir, args: &[String]) -> Output {
 }
 
 fn ok(out: &Output) {
-    assert_eq!(out.code, 0, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout, out.stderr
+    );
 }
 
 /// The `{"summary": ...}` line that `--metrics -` ends stdout with.
@@ -66,10 +77,19 @@ fn summary(out: &Output) -> serde_json::Value {
 /// Top-1 accuracy of an ONNX model on digits_val, on a runtime other than the engine.
 fn accuracy_on(backend: BackendKind, model: &Path) -> f64 {
     let bytes = std::fs::read(model).unwrap();
-    let ds = Dataset::open(Path::new(&fixture("digits_val.npz")), &Preprocess::default(), [1, 28, 28]).unwrap();
+    let ds = Dataset::open(
+        Path::new(&fixture("digits_val.npz")),
+        &Preprocess::default(),
+        [1, 28, 28],
+    )
+    .unwrap();
     let all = ds.load_all().unwrap();
     let n = all.len();
-    let opts = RuntimeOptions { backend, threads: 1, ..Default::default() };
+    let opts = RuntimeOptions {
+        backend,
+        threads: 1,
+        ..Default::default()
+    };
     let mut s = runtime::open(&bytes, &[n, 1, 28, 28], &opts).unwrap();
     let logits = &s.run(&all.x).unwrap()[0];
     let y = all.y.unwrap();
@@ -95,7 +115,13 @@ fn distill_trains_the_student_and_ort_and_tract_agree() {
     let dir = Dir::new();
     let out = dir.path("student.onnx").display().to_string();
     let metrics = dir.path("m.jsonl").display().to_string();
-    let res = run(&dir, &distill_args(&out, &["--limit", "2000", "--metrics", "-", "--metrics", &metrics]));
+    let res = run(
+        &dir,
+        &distill_args(
+            &out,
+            &["--limit", "2000", "--metrics", "-", "--metrics", &metrics],
+        ),
+    );
     ok(&res);
     let s = summary(&res);
     let before = s["student_before_val_acc"].as_f64().unwrap();
@@ -103,7 +129,11 @@ fn distill_trains_the_student_and_ort_and_tract_agree() {
     assert!((before - 0.042).abs() < 1e-9, "{before}");
     assert!(after > 0.75, "the student reached only {after}");
     assert!((s["teacher_val_acc"].as_f64().unwrap() - 0.982).abs() < 1e-9);
-    assert!(res.stderr.contains("training 8 of 8 weights"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("training 8 of 8 weights"),
+        "{}",
+        res.stderr
+    );
     let lines = dir.read("m.jsonl");
     let epoch: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
     assert!(epoch["samples_per_s"].as_f64().unwrap() > 0.0);
@@ -112,13 +142,25 @@ fn distill_trains_the_student_and_ort_and_tract_agree() {
     // whose top two logits are that close may flip, so allow 2 of the 1000.
     for backend in [BackendKind::Ort, BackendKind::Tract] {
         let acc = accuracy_on(backend, Path::new(&out));
-        assert!((acc - after).abs() <= 0.002, "{backend}: {acc} vs the engine's {after}");
+        assert!(
+            (acc - after).abs() <= 0.002,
+            "{backend}: {acc} vs the engine's {after}"
+        );
     }
     // The graph is the student's own: same initializer names, BatchNorm kept.
-    let (a, b) = (Model::load(Path::new(&fixture("student.onnx"))).unwrap(), Model::load(Path::new(&out)).unwrap());
-    assert_eq!(a.graph.initializers.keys().collect::<Vec<_>>(), b.graph.initializers.keys().collect::<Vec<_>>());
+    let (a, b) = (
+        Model::load(Path::new(&fixture("student.onnx"))).unwrap(),
+        Model::load(Path::new(&out)).unwrap(),
+    );
+    assert_eq!(
+        a.graph.initializers.keys().collect::<Vec<_>>(),
+        b.graph.initializers.keys().collect::<Vec<_>>()
+    );
     assert_eq!(a.graph.nodes, b.graph.nodes);
-    assert_ne!(a.graph.initializers["bn1.running_mean"], b.graph.initializers["bn1.running_mean"]);
+    assert_ne!(
+        a.graph.initializers["bn1.running_mean"],
+        b.graph.initializers["bn1.running_mean"]
+    );
 }
 
 #[test]
@@ -126,11 +168,26 @@ fn same_seed_same_bytes() {
     let dir = Dir::new();
     let extra = ["--augment", "crop,flip", "--seed", "3"];
     for name in ["a.onnx", "b.onnx"] {
-        ok(&run(&dir, &distill_args(&dir.path(name).display().to_string(), &extra)));
+        ok(&run(
+            &dir,
+            &distill_args(&dir.path(name).display().to_string(), &extra),
+        ));
     }
-    assert_eq!(std::fs::read(dir.path("a.onnx")).unwrap(), std::fs::read(dir.path("b.onnx")).unwrap());
-    ok(&run(&dir, &distill_args(&dir.path("c.onnx").display().to_string(), &["--augment", "crop,flip", "--seed", "4"])));
-    assert_ne!(std::fs::read(dir.path("a.onnx")).unwrap(), std::fs::read(dir.path("c.onnx")).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path("a.onnx")).unwrap(),
+        std::fs::read(dir.path("b.onnx")).unwrap()
+    );
+    ok(&run(
+        &dir,
+        &distill_args(
+            &dir.path("c.onnx").display().to_string(),
+            &["--augment", "crop,flip", "--seed", "4"],
+        ),
+    ));
+    assert_ne!(
+        std::fs::read(dir.path("a.onnx")).unwrap(),
+        std::fs::read(dir.path("c.onnx")).unwrap()
+    );
 }
 
 #[test]
@@ -138,18 +195,50 @@ fn resume_continues_bit_for_bit() {
     let dir = Dir::new();
     let straight = dir.path("straight.onnx").display().to_string();
     let resumed = dir.path("resumed.onnx").display().to_string();
-    let extra = ["--epochs", "2", "--limit", "600", "--augment", "shift", "--optimizer", "adamw", "--lr", "0.003"];
+    let extra = [
+        "--epochs",
+        "2",
+        "--limit",
+        "600",
+        "--augment",
+        "shift",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.003",
+    ];
     ok(&run(&dir, &distill_args(&straight, &extra)));
     let ck = ["--checkpoint-dir", "ck", "--metrics", "m.jsonl"];
-    let first = run(&dir, &distill_args(&resumed, &[&extra[..], &ck[..], &["--stop-after", "1"]].concat()));
+    let first = run(
+        &dir,
+        &distill_args(
+            &resumed,
+            &[&extra[..], &ck[..], &["--stop-after", "1"]].concat(),
+        ),
+    );
     ok(&first);
-    assert!(!dir.path("resumed.onnx").exists(), "--stop-after writes no model");
+    assert!(
+        !dir.path("resumed.onnx").exists(),
+        "--stop-after writes no model"
+    );
     assert!(dir.path("ck/last.ckpt").exists());
-    ok(&run(&dir, &distill_args(&resumed, &[&extra[..], &ck[..], &["--resume"]].concat())));
-    assert_eq!(std::fs::read(&straight).unwrap(), std::fs::read(&resumed).unwrap());
+    ok(&run(
+        &dir,
+        &distill_args(&resumed, &[&extra[..], &ck[..], &["--resume"]].concat()),
+    ));
+    assert_eq!(
+        std::fs::read(&straight).unwrap(),
+        std::fs::read(&resumed).unwrap()
+    );
     assert_eq!(dir.read("m.jsonl").lines().count(), 2);
     // Other settings than the interrupted run's are refused.
-    let other = run(&dir, &distill_args(&resumed, &[&extra[..], &ck[..], &["--resume", "--seed", "9"]].concat()));
+    let other = run(
+        &dir,
+        &distill_args(
+            &resumed,
+            &[&extra[..], &ck[..], &["--resume", "--seed", "9"]].concat(),
+        ),
+    );
     assert_eq!(other.code, 2);
     assert!(other.stderr.contains("other settings"), "{}", other.stderr);
 }
@@ -158,13 +247,38 @@ fn resume_continues_bit_for_bit() {
 fn diverging_loss_names_the_step() {
     let dir = Dir::new();
     let out = dir.path("x.onnx").display().to_string();
-    let res = run(&dir, &distill_args(&out, &["--lr", "1e30", "--schedule", "constant", "--checkpoint-dir", "ck"]));
+    let res = run(
+        &dir,
+        &distill_args(
+            &out,
+            &[
+                "--lr",
+                "1e30",
+                "--schedule",
+                "constant",
+                "--checkpoint-dir",
+                "ck",
+            ],
+        ),
+    );
     assert_eq!(res.code, 2, "{}", res.stderr);
     // The loss or the gradients turn non-finite at the second step, once the first update
     // has blown the weights up.
-    assert!(res.stderr.contains("error: training diverged: the "), "{}", res.stderr);
-    assert!(res.stderr.contains(" at step 2 (epoch 1, batch 2 of 32)"), "{}", res.stderr);
-    assert!(res.stderr.contains("no checkpoint was written yet"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("error: training diverged: the "),
+        "{}",
+        res.stderr
+    );
+    assert!(
+        res.stderr.contains(" at step 2 (epoch 1, batch 2 of 32)"),
+        "{}",
+        res.stderr
+    );
+    assert!(
+        res.stderr.contains("no checkpoint was written yet"),
+        "{}",
+        res.stderr
+    );
     assert!(res.stderr.contains("hint: lower --lr"), "{}", res.stderr);
     assert!(!dir.path("x.onnx").exists());
 }
@@ -173,7 +287,13 @@ fn diverging_loss_names_the_step() {
 fn teacher_with_other_classes_is_refused_before_training() {
     let dir = Dir::new();
     let mut m = Model::load(Path::new(&fixture("teacher.onnx"))).unwrap();
-    let gemm = m.graph.nodes.iter().find(|n| n.op_type == "Gemm").unwrap().clone();
+    let gemm = m
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.op_type == "Gemm")
+        .unwrap()
+        .clone();
     for (i, keep) in [(1usize, 5 * 32), (2, 5)] {
         let t = m.graph.initializers.get_mut(&gemm.inputs[i]).unwrap();
         let v = t.to_f32_vec()[..keep].to_vec();
@@ -183,9 +303,16 @@ fn teacher_with_other_classes_is_refused_before_training() {
     m.graph.outputs[0].shape = Some(vec![Dim::Param("batch".into()), Dim::Fixed(5)]);
     let teacher = dir.path("five.onnx");
     m.save(&teacher).unwrap();
-    let res = run(&dir, &distill_args("x.onnx", &["--teacher", &teacher.display().to_string()]));
+    let res = run(
+        &dir,
+        &distill_args("x.onnx", &["--teacher", &teacher.display().to_string()]),
+    );
     assert_eq!(res.code, 2, "{}", res.stderr);
-    assert!(res.stderr.contains("outputs shape [1, 5] but the student"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("outputs shape [1, 5] but the student"),
+        "{}",
+        res.stderr
+    );
     assert!(res.stderr.contains("hint:"), "{}", res.stderr);
     assert!(!res.stderr.contains("epoch 1"), "{}", res.stderr);
     assert!(!dir.path("x.onnx").exists());
@@ -196,8 +323,12 @@ fn op_without_backward_is_refused_before_training() {
     let dir = Dir::new();
     let mut m = Model::load(Path::new(&fixture("student.onnx"))).unwrap();
     let conv_out = m.graph.nodes[0].outputs[0].clone();
-    m.graph.initializers.insert("s".into(), Tensor::new("s", vec![], Data::F32(vec![0.05])));
-    m.graph.initializers.insert("zp".into(), Tensor::new("zp", vec![], Data::U8(vec![128])));
+    m.graph
+        .initializers
+        .insert("s".into(), Tensor::new("s", vec![], Data::F32(vec![0.05])));
+    m.graph
+        .initializers
+        .insert("zp".into(), Tensor::new("zp", vec![], Data::U8(vec![128])));
     let node = |name: &str, op: &str, input: &str, output: &str| Node {
         name: name.into(),
         op_type: op.into(),
@@ -207,64 +338,195 @@ fn op_without_backward_is_refused_before_training() {
         attributes: Vec::new(),
     };
     m.graph.nodes[1].inputs[0] = "dq".into();
-    m.graph.nodes.insert(1, node("q", "QuantizeLinear", &conv_out, "q"));
-    m.graph.nodes.insert(2, node("dq", "DequantizeLinear", "q", "dq"));
+    m.graph
+        .nodes
+        .insert(1, node("q", "QuantizeLinear", &conv_out, "q"));
+    m.graph
+        .nodes
+        .insert(2, node("dq", "DequantizeLinear", "q", "dq"));
     let student = dir.path("qdq.onnx");
     m.save(&student).unwrap();
-    let res = dir.run(&["train", "--model", &student.display().to_string(), "--data", &fixture("digits_train.npz"), "--out", "x.onnx", "--limit", "64"]);
+    let res = dir.run(&[
+        "train",
+        "--model",
+        &student.display().to_string(),
+        "--data",
+        &fixture("digits_train.npz"),
+        "--out",
+        "x.onnx",
+        "--limit",
+        "64",
+    ]);
     assert_eq!(res.code, 2, "{}", res.stderr);
-    assert!(res.stderr.contains("`q` (QuantizeLinear)"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("`q` (QuantizeLinear)"),
+        "{}",
+        res.stderr
+    );
     assert!(res.stderr.contains("no backward pass"), "{}", res.stderr);
 }
 
 #[test]
 fn data_of_another_shape_is_refused() {
     let dir = Dir::new();
-    let res = dir.run(&["train", "--model", &fixture("mbv2_tiny.onnx"), "--data", &fixture("digits_train.npz"), "--out", "x.onnx"]);
+    let res = dir.run(&[
+        "train",
+        "--model",
+        &fixture("mbv2_tiny.onnx"),
+        "--data",
+        &fixture("digits_train.npz"),
+        "--out",
+        "x.onnx",
+    ]);
     assert_eq!(res.code, 2);
-    assert!(res.stderr.contains("[1, 28, 28] (C, H, W) but the model takes [3, 32, 32]"), "{}", res.stderr);
-    let res = run(&dir, &distill_args("x.onnx", &["--teacher", &fixture("mbv2_tiny.onnx")]));
+    assert!(
+        res.stderr
+            .contains("[1, 28, 28] (C, H, W) but the model takes [3, 32, 32]"),
+        "{}",
+        res.stderr
+    );
+    let res = run(
+        &dir,
+        &distill_args("x.onnx", &["--teacher", &fixture("mbv2_tiny.onnx")]),
+    );
     assert_eq!(res.code, 2);
-    assert!(res.stderr.contains("takes inputs [N, 3, 32, 32] but the student"), "{}", res.stderr);
+    assert!(
+        res.stderr
+            .contains("takes inputs [N, 3, 32, 32] but the student"),
+        "{}",
+        res.stderr
+    );
 }
 
 #[test]
 fn folded_student_warns_and_says_how_to_export() {
     let dir = Dir::new();
-    let res = run(&dir, &distill_args("x.onnx", &["--limit", "64", "--student", &fixture("student_folded.onnx")]));
+    let res = run(
+        &dir,
+        &distill_args(
+            "x.onnx",
+            &[
+                "--limit",
+                "64",
+                "--student",
+                &fixture("student_folded.onnx"),
+            ],
+        ),
+    );
     ok(&res);
-    assert!(res.stderr.contains("warning: ") && res.stderr.contains("has no normalisation layers"), "{}", res.stderr);
-    assert!(res.stderr.contains("training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("warning: ") && res.stderr.contains("has no normalisation layers"),
+        "{}",
+        res.stderr
+    );
+    assert!(
+        res.stderr
+            .contains("training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False"),
+        "{}",
+        res.stderr
+    );
 }
 
 #[test]
 fn frozen_weights_keep_their_values() {
     let dir = Dir::new();
     let res = dir.run(&[
-        "train", "--model", &fixture("student.onnx"), "--data", &fixture("digits_train.npz"), "--out", "t.onnx",
-        "--limit", "128", "--freeze", "conv1.weight,bn1.weight", "--threads", "1",
+        "train",
+        "--model",
+        &fixture("student.onnx"),
+        "--data",
+        &fixture("digits_train.npz"),
+        "--out",
+        "t.onnx",
+        "--limit",
+        "128",
+        "--freeze",
+        "conv1.weight,bn1.weight",
+        "--threads",
+        "1",
     ]);
     ok(&res);
-    assert!(res.stderr.contains("training 6 of 8 weights"), "{}", res.stderr);
-    assert!(res.stderr.contains("kept fixed: bn1.weight [8], conv1.weight [8, 1, 3, 3]"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("training 6 of 8 weights"),
+        "{}",
+        res.stderr
+    );
+    assert!(
+        res.stderr
+            .contains("kept fixed: bn1.weight [8], conv1.weight [8, 1, 3, 3]"),
+        "{}",
+        res.stderr
+    );
     let (before, after) = (PathBuf::from(fixture("student.onnx")), dir.path("t.onnx"));
-    assert_eq!(initializer(&before, "conv1.weight"), initializer(&after, "conv1.weight"));
-    assert_ne!(initializer(&before, "conv2.weight"), initializer(&after, "conv2.weight"));
-    let res = dir.run(&["train", "--model", &fixture("student.onnx"), "--data", &fixture("digits_train.npz"), "--out", "t.onnx", "--train-only", "fc.weigth"]);
+    assert_eq!(
+        initializer(&before, "conv1.weight"),
+        initializer(&after, "conv1.weight")
+    );
+    assert_ne!(
+        initializer(&before, "conv2.weight"),
+        initializer(&after, "conv2.weight")
+    );
+    let res = dir.run(&[
+        "train",
+        "--model",
+        &fixture("student.onnx"),
+        "--data",
+        &fixture("digits_train.npz"),
+        "--out",
+        "t.onnx",
+        "--train-only",
+        "fc.weigth",
+    ]);
     assert_eq!(res.code, 2);
-    assert!(res.stderr.contains("hint: did you mean `fc.weight`?"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("hint: did you mean `fc.weight`?"),
+        "{}",
+        res.stderr
+    );
 }
 
 #[test]
 fn ort_teacher_and_hint_loss() {
     let dir = Dir::new();
-    let res = run(&dir, &distill_args("a.onnx", &["--teacher-backend", "ort", "--metrics", "-"]));
+    let res = run(
+        &dir,
+        &distill_args("a.onnx", &["--teacher-backend", "ort", "--metrics", "-"]),
+    );
     ok(&res);
-    assert!(summary(&res)["teacher_backend"].as_str().unwrap().starts_with("ort"), "{}", res.stdout);
-    let res = run(&dir, &distill_args("b.onnx", &["--hint", "/layer1/Relu_1_output_0:/pool/MaxPool_output_0", "--metrics", "-"]));
+    assert!(
+        summary(&res)["teacher_backend"]
+            .as_str()
+            .unwrap()
+            .starts_with("ort"),
+        "{}",
+        res.stdout
+    );
+    let res = run(
+        &dir,
+        &distill_args(
+            "b.onnx",
+            &[
+                "--hint",
+                "/layer1/Relu_1_output_0:/pool/MaxPool_output_0",
+                "--metrics",
+                "-",
+            ],
+        ),
+    );
     ok(&res);
-    assert!(summary(&res)["student_after_val_acc"].as_f64().unwrap() > 0.3, "{}", res.stdout);
-    let res = run(&dir, &distill_args("c.onnx", &["--hint", "/layer1/Relu_1_output_0:/nope"]));
+    assert!(
+        summary(&res)["student_after_val_acc"].as_f64().unwrap() > 0.3,
+        "{}",
+        res.stdout
+    );
+    let res = run(
+        &dir,
+        &distill_args("c.onnx", &["--hint", "/layer1/Relu_1_output_0:/nope"]),
+    );
     assert_eq!(res.code, 2);
-    assert!(res.stderr.contains("no float tensor named `/nope`"), "{}", res.stderr);
+    assert!(
+        res.stderr.contains("no float tensor named `/nope`"),
+        "{}",
+        res.stderr
+    );
 }

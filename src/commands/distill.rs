@@ -176,18 +176,26 @@ impl DistillArgs {
             teacher_backend: self.teacher_backend,
             hints: self.hint.clone(),
             hint_weight: self.hint_weight,
-            ..self.common.options(Some(self.teacher.clone()), self.student.clone())
+            ..self
+                .common
+                .options(Some(self.teacher.clone()), self.student.clone())
         }
     }
 }
 
 pub fn distill(args: &DistillArgs) -> Result<ExitStatus> {
-    finish(&run_with(&args.options(), &args.common.metrics, args.ort_lib.clone())?, &args.common.metrics)
+    finish(
+        &run_with(&args.options(), &args.common.metrics, args.ort_lib.clone())?,
+        &args.common.metrics,
+    )
 }
 
 pub fn train(args: &TrainArgs) -> Result<ExitStatus> {
     let opts = args.common.options(None, args.model.clone());
-    finish(&run_with(&opts, &args.common.metrics, None)?, &args.common.metrics)
+    finish(
+        &run_with(&opts, &args.common.metrics, None)?,
+        &args.common.metrics,
+    )
 }
 
 /// Runs training or distillation with progress bars and metrics files: the entry point for
@@ -220,14 +228,26 @@ fn finish(s: &Summary, metrics: &[PathBuf]) -> Result<ExitStatus> {
     let pct = |v: Option<f64>| v.map_or("-".to_string(), |a| format!("{:.1}%", a * 100.0));
     if metrics.iter().any(|p| p == Path::new("-")) {
         println!("{}", serde_json::json!({ "summary": s }));
+    } else if s.student_before_val_acc.is_none() {
+        printer::info("no --val given: accuracies were not measured");
     } else {
         let mut out = std::io::stdout().lock();
         if let Some(t) = s.teacher_val_acc {
             writeln!(out, "teacher          top-1 {}", pct(Some(t)))?;
         }
-        writeln!(out, "student before   top-1 {}", pct(s.student_before_val_acc))?;
-        let best = s.best_epoch.map_or(String::new(), |e| format!(" (best epoch {e} of {})", s.epochs));
-        writeln!(out, "student after    top-1 {}{best}", pct(s.student_after_val_acc))?;
+        writeln!(
+            out,
+            "student before   top-1 {}",
+            pct(s.student_before_val_acc)
+        )?;
+        let best = s.best_epoch.map_or(String::new(), |e| {
+            format!(" (best epoch {e} of {})", s.epochs)
+        });
+        writeln!(
+            out,
+            "student after    top-1 {}{best}",
+            pct(s.student_after_val_acc)
+        )?;
     }
     match &s.out {
         Some(p) => printer::info(format!("wrote {}", p.display())),
@@ -246,10 +266,27 @@ struct OrtFactory {
 
 impl TeacherFactory for OrtFactory {
     fn open(&self, model: &Path, sample: [usize; 3], threads: usize) -> Result<Box<dyn Teacher>> {
-        let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
-        let opts = RuntimeOptions { backend: BackendKind::Ort, threads, ort_lib: self.ort_lib.clone(), ..Default::default() };
-        let mut t = OrtTeacher { bytes, sample, opts, sessions: HashMap::new(), provider: String::new() };
-        t.session(1).with_context(|| format!("cannot open the teacher {} in ONNX Runtime", model.display()))?;
+        let bytes =
+            std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
+        let opts = RuntimeOptions {
+            backend: BackendKind::Ort,
+            threads,
+            ort_lib: self.ort_lib.clone(),
+            ..Default::default()
+        };
+        let mut t = OrtTeacher {
+            bytes,
+            sample,
+            opts,
+            sessions: HashMap::new(),
+            provider: String::new(),
+        };
+        t.session(1).with_context(|| {
+            format!(
+                "cannot open the teacher {} in ONNX Runtime",
+                model.display()
+            )
+        })?;
         Ok(Box::new(t))
     }
 }
@@ -283,9 +320,15 @@ impl Teacher for OrtTeacher {
     }
 
     fn infer(&mut self, x: &Tensor, taps: &[String]) -> Result<(Tensor, Vec<Tensor>)> {
-        ensure!(taps.is_empty(), "ONNX Runtime does not expose the teacher's intermediate tensors");
+        ensure!(
+            taps.is_empty(),
+            "ONNX Runtime does not expose the teacher's intermediate tensors"
+        );
         let out = self.session(x.shape[0])?.run(&x.data)?;
-        let first = out.into_iter().next().context("the teacher produced no output")?;
+        let first = out
+            .into_iter()
+            .next()
+            .context("the teacher produced no output")?;
         Ok((Tensor::new(first.shape, first.data)?, Vec::new()))
     }
 }
@@ -332,7 +375,12 @@ pub fn distill_options(o: &crate::recipe::DistillOptions) -> Options {
 
 /// A recipe's `train` stage as run options.
 pub fn train_options(o: &crate::recipe::TrainOptions) -> Options {
-    let mut opts = Options::new(None, o.model.path.clone(), o.data.dataset.path.clone(), o.out.path.clone());
+    let mut opts = Options::new(
+        None,
+        o.model.path.clone(),
+        o.data.dataset.path.clone(),
+        o.out.path.clone(),
+    );
     opts.val = o.val.as_ref().map(|v| v.dataset.path.clone());
     opts.preprocess = o.data.dataset.preprocess.clone();
     common_from_recipe(

@@ -14,7 +14,19 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Augment {
     Crop,
@@ -67,7 +79,15 @@ pub fn apply(augs: &[Augment], x: &mut [f32], shape: [usize; 4], rng: &mut impl 
 }
 
 /// `out[i][j] = in[i - dy][j - dx]`, zero where that falls outside the image.
-fn translate(sample: &mut [f32], scratch: &mut [f32], c: usize, h: usize, w: usize, dy: i64, dx: i64) {
+fn translate(
+    sample: &mut [f32],
+    scratch: &mut [f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    dy: i64,
+    dx: i64,
+) {
     scratch.fill(0.0);
     let (h, w) = (h as i64, w as i64);
     for ch in 0..c {
@@ -130,7 +150,12 @@ mod tests {
         let shape = [64, 1, 4, 4];
         let orig = image(64, 1, 4, 4);
         let mut x = orig.clone();
-        apply(&[Augment::Flip], &mut x, shape, &mut ChaCha8Rng::seed_from_u64(1));
+        apply(
+            &[Augment::Flip],
+            &mut x,
+            shape,
+            &mut ChaCha8Rng::seed_from_u64(1),
+        );
         let mut flipped = 0;
         for (a, b) in x.chunks(16).zip(orig.chunks(16)) {
             if a != b {
@@ -151,7 +176,12 @@ mod tests {
         for s in x.chunks_mut(1024) {
             s[16 * 32 + 16] = 1.0;
         }
-        apply(&[Augment::Crop], &mut x, shape, &mut ChaCha8Rng::seed_from_u64(3));
+        apply(
+            &[Augment::Crop],
+            &mut x,
+            shape,
+            &mut ChaCha8Rng::seed_from_u64(3),
+        );
         let mut moved = 0;
         for s in x.chunks(1024) {
             let at = s.iter().position(|&v| v == 1.0).unwrap();

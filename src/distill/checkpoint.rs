@@ -79,7 +79,14 @@ impl Checkpoint {
     pub fn save(&self, path: &Path) -> Result<()> {
         let header = Header {
             meta: self.meta.clone(),
-            tensors: self.tensors.iter().map(|(k, t)| Entry { name: k.clone(), shape: t.shape.clone() }).collect(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(k, t)| Entry {
+                    name: k.clone(),
+                    shape: t.shape.clone(),
+                })
+                .collect(),
         };
         let json = serde_json::to_vec(&header)?;
         crate::util::write_atomic_with(path, |w| {
@@ -102,31 +109,65 @@ impl Checkpoint {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read checkpoint {}", path.display()))
             .hint("--resume continues from <checkpoint-dir>/last.ckpt, written after each epoch of a run with --checkpoint-dir")?;
-        Self::decode(&bytes).with_context(|| format!("checkpoint {} is damaged or not a shrink checkpoint", path.display()))
+        Self::decode(&bytes).with_context(|| {
+            format!(
+                "checkpoint {} is damaged or not a shrink checkpoint",
+                path.display()
+            )
+        })
     }
 
     fn decode(bytes: &[u8]) -> Result<Checkpoint> {
-        ensure!(bytes.len() >= 20 && &bytes[..8] == MAGIC, "missing the SHRKCKPT signature");
+        ensure!(
+            bytes.len() >= 20 && &bytes[..8] == MAGIC,
+            "missing the SHRKCKPT signature"
+        );
         let version = u32::from_le_bytes(bytes[8..12].try_into()?);
-        ensure!(version == VERSION, "format version {version}; this shrink reads version {VERSION}");
+        ensure!(
+            version == VERSION,
+            "format version {version}; this shrink reads version {VERSION}"
+        );
         let hlen = usize::try_from(u64::from_le_bytes(bytes[12..20].try_into()?))?;
         let body = &bytes[20..];
-        ensure!(hlen <= body.len(), "the header runs past the end of the file");
+        ensure!(
+            hlen <= body.len(),
+            "the header runs past the end of the file"
+        );
         let header: Header = serde_json::from_slice(&body[..hlen]).context("unreadable header")?;
         let mut data = &body[hlen..];
         let mut tensors = Named::new();
         for e in header.tensors {
-            let n: usize = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).context("tensor size overflows")?;
+            let n: usize = e
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .context("tensor size overflows")?;
             let len = n.checked_mul(4).context("tensor size overflows")?;
             if data.len() < len {
                 bail!("tensor `{}` is cut short", e.name);
             }
-            let values = data[..len].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let values = data[..len]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             data = &data[len..];
-            tensors.insert(e.name, Tensor { shape: e.shape, data: values });
+            tensors.insert(
+                e.name,
+                Tensor {
+                    shape: e.shape,
+                    data: values,
+                },
+            );
         }
-        ensure!(data.is_empty(), "{} bytes follow the last tensor", data.len());
-        Ok(Checkpoint { meta: header.meta, tensors })
+        ensure!(
+            data.is_empty(),
+            "{} bytes follow the last tensor",
+            data.len()
+        );
+        Ok(Checkpoint {
+            meta: header.meta,
+            tensors,
+        })
     }
 
     /// The tensors of one group (`param`, `state`, `optim`, ...), with the prefix removed.
@@ -158,7 +199,10 @@ mod tests {
                 step: 126,
                 seed: 7,
                 rng_word_pos: u128::MAX.to_string(),
-                best: Some(Best { epoch: 1, val_acc: 0.75 }),
+                best: Some(Best {
+                    epoch: 1,
+                    val_acc: 0.75,
+                }),
                 optimizer_steps: [("w".to_string(), 3u64)].into(),
                 metrics: vec![serde_json::json!({"epoch": 1})],
                 threads: 2,
@@ -166,7 +210,10 @@ mod tests {
             tensors: Named::new(),
         };
         let mut p = Named::new();
-        p.insert("w".into(), Tensor::new(vec![2, 2], vec![1.0, -0.0, f32::MIN_POSITIVE, 3.5]).unwrap());
+        p.insert(
+            "w".into(),
+            Tensor::new(vec![2, 2], vec![1.0, -0.0, f32::MIN_POSITIVE, 3.5]).unwrap(),
+        );
         p.insert("s".into(), Tensor::scalar(f32::NAN));
         c.put("param", &p);
         c.put("optim", &p);

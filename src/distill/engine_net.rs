@@ -30,13 +30,23 @@ pub struct EngineNet {
 pub fn open(model: &Model) -> Result<Box<dyn Network>> {
     let net = Net::from_model(model)?;
     net.check_trainable()?;
-    let params = net.params().iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
-    Ok(Box::new(EngineNet { net, params, dirty: false }))
+    let params = net
+        .params()
+        .iter()
+        .map(|(k, t)| (k.to_string(), t.clone()))
+        .collect();
+    Ok(Box::new(EngineNet {
+        net,
+        params,
+        dirty: false,
+    }))
 }
 
 /// `model` run in inference mode as a teacher.
 pub fn open_teacher(model: &Model) -> Result<Box<dyn Teacher>> {
-    Ok(Box::new(EngineTeacher { net: Net::from_model(model)? }))
+    Ok(Box::new(EngineTeacher {
+        net: Net::from_model(model)?,
+    }))
 }
 
 impl EngineNet {
@@ -45,7 +55,11 @@ impl EngineNet {
             return Ok(());
         }
         for (name, t) in &self.params {
-            let slot = self.net.params_mut().get_mut(name).with_context(|| format!("`{name}` is not a parameter of the model"))?;
+            let slot = self
+                .net
+                .params_mut()
+                .get_mut(name)
+                .with_context(|| format!("`{name}` is not a parameter of the model"))?;
             slot.data.copy_from_slice(&t.data);
         }
         self.dirty = false;
@@ -65,11 +79,16 @@ fn observe(net: &Net, x: &Tensor, taps: &[String]) -> Result<(Tensor, Vec<Tensor
         }
         Ok(())
     })?;
-    let logits = outputs.into_iter().next().context("the model has no output")?;
+    let logits = outputs
+        .into_iter()
+        .next()
+        .context("the model has no output")?;
     let taps = found
         .into_iter()
         .zip(taps)
-        .map(|(t, name)| t.with_context(|| format!("the model computes no float tensor named `{name}`")))
+        .map(|(t, name)| {
+            t.with_context(|| format!("the model computes no float tensor named `{name}`"))
+        })
         .collect::<Result<_>>()?;
     Ok((logits, taps))
 }
@@ -85,13 +104,26 @@ impl Network for EngineNet {
     }
 
     fn state(&self) -> Named {
-        self.net.state().iter().map(|(k, t)| (k.to_string(), t.clone())).collect()
+        self.net
+            .state()
+            .iter()
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect()
     }
 
     fn set_state(&mut self, state: &Named) -> Result<()> {
         for (name, t) in state {
-            let slot = self.net.state_mut().get_mut(name).with_context(|| format!("`{name}` is not batch-norm state of the model"))?;
-            anyhow::ensure!(slot.shape == t.shape, "state `{name}` has shape {:?}, the model {:?}", t.shape, slot.shape);
+            let slot = self
+                .net
+                .state_mut()
+                .get_mut(name)
+                .with_context(|| format!("`{name}` is not batch-norm state of the model"))?;
+            anyhow::ensure!(
+                slot.shape == t.shape,
+                "state `{name}` has shape {:?}, the model {:?}",
+                t.shape,
+                slot.shape
+            );
             slot.data.copy_from_slice(&t.data);
         }
         Ok(())
@@ -107,20 +139,38 @@ impl Network for EngineNet {
         observe(&self.net, x, taps)
     }
 
-    fn train_step(&mut self, x: &Tensor, taps: &[String], rng: &mut ChaCha8Rng, loss: &mut LossFn<'_>) -> Result<Named> {
+    fn train_step(
+        &mut self,
+        x: &Tensor,
+        taps: &[String],
+        rng: &mut ChaCha8Rng,
+        loss: &mut LossFn<'_>,
+    ) -> Result<Named> {
         self.sync()?;
         let fwd = self.net.forward(x, Mode::Train, rng)?;
         let tap_values = taps
             .iter()
-            .map(|name| fwd.get(name).cloned().with_context(|| format!("the model computes no tensor named `{name}`")))
+            .map(|name| {
+                fwd.get(name)
+                    .cloned()
+                    .with_context(|| format!("the model computes no tensor named `{name}`"))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let output = self.net.output_names().first().map(|s| s.to_string()).context("the model has no output")?;
+        let output = self
+            .net
+            .output_names()
+            .first()
+            .map(|s| s.to_string())
+            .context("the model has no output")?;
         let (g, tap_grads) = loss(fwd.output(), &tap_values)?;
         let mut seeds: Vec<(&str, &Tensor)> = vec![(output.as_str(), &g)];
         seeds.extend(taps.iter().map(String::as_str).zip(&tap_grads));
         let mut grads = self.net.backward(&fwd, &seeds)?;
         let names: Vec<String> = grads.iter().map(|(k, _)| k.to_string()).collect();
-        Ok(names.into_iter().filter_map(|k| grads.remove(&k).map(|t| (k, t))).collect())
+        Ok(names
+            .into_iter()
+            .filter_map(|k| grads.remove(&k).map(|t| (k, t)))
+            .collect())
     }
 }
 
@@ -144,7 +194,9 @@ mod tests {
     use crate::data::{Dataset, Preprocess};
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name)
     }
 
     /// The training loop computes teacher logits once, in batches of 256, instead of per
@@ -155,17 +207,33 @@ mod tests {
     fn teacher_logits_do_not_depend_on_the_batch() {
         let model = Model::load(&fixture("teacher.onnx")).unwrap();
         let mut t = open_teacher(&model).unwrap();
-        let ds = Dataset::open(&fixture("digits_val.npz"), &Preprocess { limit: Some(100), ..Default::default() }, [1, 28, 28]).unwrap();
+        let ds = Dataset::open(
+            &fixture("digits_val.npz"),
+            &Preprocess {
+                limit: Some(100),
+                ..Default::default()
+            },
+            [1, 28, 28],
+        )
+        .unwrap();
         let b = ds.load_all().unwrap();
         let x = Tensor::new(b.shape.to_vec(), b.x).unwrap();
         let whole = t.infer(&x, &[]).unwrap().0;
         for (start, len) in [(0, 64), (36, 64), (0, 32), (33, 67), (32, 1), (10, 7)] {
-            let part = t.infer(&x.batch_slice(start..start + len).unwrap(), &[]).unwrap().0;
+            let part = t
+                .infer(&x.batch_slice(start..start + len).unwrap(), &[])
+                .unwrap()
+                .0;
             let want = &whole.data[start * 10..(start + len) * 10];
             if len >= 32 {
                 assert_eq!(part.data, want, "rows {start}..{}", start + len);
             } else {
-                let d = part.data.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let d = part
+                    .data
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
                 assert!(d < 1e-5, "rows {start}..{}: {d}", start + len);
             }
         }

@@ -22,9 +22,10 @@ impl std::str::FromStr for HintSpec {
 
     fn from_str(s: &str) -> std::result::Result<HintSpec, String> {
         match s.split_once(':') {
-            Some((t, st)) if !t.is_empty() && !st.is_empty() => {
-                Ok(HintSpec { teacher: t.to_string(), student: st.to_string() })
-            }
+            Some((t, st)) if !t.is_empty() && !st.is_empty() => Ok(HintSpec {
+                teacher: t.to_string(),
+                student: st.to_string(),
+            }),
             _ => Err(format!("`{s}` is not TEACHER_TENSOR:STUDENT_TENSOR")),
         }
     }
@@ -43,7 +44,11 @@ pub struct Hint {
 
 /// `[n, c, rest]` of an `[n, c, ...]` tensor (`rest` is 1 for `[n, c]`).
 fn ncr(t: &Tensor, what: &str) -> Result<(usize, usize, usize)> {
-    ensure!(t.shape.len() >= 2, "hint tensor `{what}` has shape {:?}; it needs a batch and a channel axis", t.shape);
+    ensure!(
+        t.shape.len() >= 2,
+        "hint tensor `{what}` has shape {:?}; it needs a batch and a channel axis",
+        t.shape
+    );
     Ok((t.shape[0], t.shape[1], t.shape[2..].iter().product()))
 }
 
@@ -51,7 +56,14 @@ impl Hint {
     /// Checks the two tensors' shapes (sample shapes `[c, ...]` from one forward pass each)
     /// and, when the channel counts differ, adds an initialised projection to `params`:
     /// uniform in ±1/√student_c for weight and bias, PyTorch's default for a 1x1 `Conv2d`.
-    pub fn new(index: usize, spec: HintSpec, teacher: &[usize], student: &[usize], params: &mut Named, rng: &mut impl Rng) -> Result<Hint> {
+    pub fn new(
+        index: usize,
+        spec: HintSpec,
+        teacher: &[usize],
+        student: &[usize],
+        params: &mut Named,
+        rng: &mut impl Rng,
+    ) -> Result<Hint> {
         ensure!(
             teacher.len() == student.len() && teacher.len() >= 2 && teacher[2..] == student[2..],
             "hint {}:{}: the teacher tensor has shape {teacher:?} and the student tensor {student:?}; \
@@ -63,19 +75,47 @@ impl Hint {
         let projection = (tc != sc).then(|| {
             let prefix = format!("hint{index}.projection");
             let bound = 1.0 / (sc as f64).sqrt();
-            let mut uniform = |n: usize| (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect::<Vec<_>>();
+            let mut uniform = |n: usize| {
+                (0..n)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect::<Vec<_>>()
+            };
             let w = uniform(tc * sc);
             let b = uniform(tc);
-            params.insert(format!("{prefix}.weight"), Tensor { shape: vec![tc, sc], data: w });
-            params.insert(format!("{prefix}.bias"), Tensor { shape: vec![tc], data: b });
+            params.insert(
+                format!("{prefix}.weight"),
+                Tensor {
+                    shape: vec![tc, sc],
+                    data: w,
+                },
+            );
+            params.insert(
+                format!("{prefix}.bias"),
+                Tensor {
+                    shape: vec![tc],
+                    data: b,
+                },
+            );
             prefix
         });
-        Ok(Hint { spec, projection, student_channels: sc, teacher_channels: tc })
+        Ok(Hint {
+            spec,
+            projection,
+            student_channels: sc,
+            teacher_channels: tc,
+        })
     }
 
     /// `weight · mean((P(s) - t)²)`; returns the loss, the gradient for the student tensor,
     /// and gradients for the projection parameters (added to `grads`).
-    pub fn loss(&self, student: &Tensor, teacher: &Tensor, weight: f64, params: &Named, grads: &mut Named) -> Result<(f64, Tensor)> {
+    pub fn loss(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        weight: f64,
+        params: &Named,
+        grads: &mut Named,
+    ) -> Result<(f64, Tensor)> {
         let (n, sc, r) = ncr(student, &self.spec.student)?;
         let (tn, tc, tr) = ncr(teacher, &self.spec.teacher)?;
         ensure!(
@@ -89,7 +129,13 @@ impl Hint {
         let Some(prefix) = &self.projection else {
             let l = super::loss::mse(&student.data, &teacher.data)?;
             let g = l.grad.iter().map(|&v| (v as f64 * weight) as f32).collect();
-            return Ok((l.loss * weight, Tensor { shape: student.shape.clone(), data: g }));
+            return Ok((
+                l.loss * weight,
+                Tensor {
+                    shape: student.shape.clone(),
+                    data: g,
+                },
+            ));
         };
         let (wn, bn) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
         let (w, b) = match (params.get(&wn), params.get(&bn)) {
@@ -125,17 +171,42 @@ impl Hint {
                 db[o] += g.iter().map(|&v| v as f64).sum::<f64>();
                 for i in 0..sc {
                     let xi = &x[i * r..(i + 1) * r];
-                    dw[o * sc + i] += g.iter().zip(xi).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+                    dw[o * sc + i] += g
+                        .iter()
+                        .zip(xi)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>();
                     let wi = w[o * sc + i];
-                    for (d, &gv) in ds[s * sc * r + i * r..s * sc * r + (i + 1) * r].iter_mut().zip(g) {
+                    for (d, &gv) in ds[s * sc * r + i * r..s * sc * r + (i + 1) * r]
+                        .iter_mut()
+                        .zip(g)
+                    {
                         *d += wi * gv;
                     }
                 }
             }
         }
-        grads.insert(wn, Tensor { shape: vec![tc, sc], data: dw.iter().map(|&v| v as f32).collect() });
-        grads.insert(bn, Tensor { shape: vec![tc], data: db.iter().map(|&v| v as f32).collect() });
-        Ok((weight * loss / total, Tensor { shape: student.shape.clone(), data: ds }))
+        grads.insert(
+            wn,
+            Tensor {
+                shape: vec![tc, sc],
+                data: dw.iter().map(|&v| v as f32).collect(),
+            },
+        );
+        grads.insert(
+            bn,
+            Tensor {
+                shape: vec![tc],
+                data: db.iter().map(|&v| v as f32).collect(),
+            },
+        );
+        Ok((
+            weight * loss / total,
+            Tensor {
+                shape: student.shape.clone(),
+                data: ds,
+            },
+        ))
     }
 }
 
@@ -154,20 +225,66 @@ mod tests {
     //   b = torch.tensor([0.1, -0.05], requires_grad=True)
     //   l = 0.7 * F.mse_loss(F.conv2d(s, w[:, :, None, None], b), t)
     //   l.backward(); print(l.item(), s.grad.flatten().tolist(), w.grad.flatten().tolist(), b.grad.tolist())
-    const S: [f32; 24] = [0.5, -1.0, 2.0, 0.25, 1.5, 0.0, -0.5, 1.0, 0.1, 0.2, 0.3, -0.4, 1.0, 1.0, 0.0, -2.0, 0.3, -0.7, 0.9, 0.0, -1.0, 0.5, 0.5, 2.0];
-    const T: [f32; 16] = [1.0, 0.0, 0.5, -0.5, 0.2, 0.4, 0.6, 0.8, -1.0, 2.0, 0.0, 1.0, 0.5, 0.5, -0.5, -0.5];
+    const S: [f32; 24] = [
+        0.5, -1.0, 2.0, 0.25, 1.5, 0.0, -0.5, 1.0, 0.1, 0.2, 0.3, -0.4, 1.0, 1.0, 0.0, -2.0, 0.3,
+        -0.7, 0.9, 0.0, -1.0, 0.5, 0.5, 2.0,
+    ];
+    const T: [f32; 16] = [
+        1.0, 0.0, 0.5, -0.5, 0.2, 0.4, 0.6, 0.8, -1.0, 2.0, 0.0, 1.0, 0.5, 0.5, -0.5, -0.5,
+    ];
     const LOSS: f64 = 0.2947229743003845;
-    const DS: [f32; 24] = [0.0006125028012320399, -0.02108750119805336, -0.00647500017657876, 0.0017062482656911016, 0.03552500158548355, -0.0343875028192997, -0.017237501218914986, -0.011943751946091652, -0.04287499934434891, 0.013125001452863216, 0.012250000610947609, 0.01706250011920929, 0.01785000041127205, -0.04340000078082085, 0.024674998596310616, -0.023187503218650818, -0.003237498924136162, -0.01811249926686287, 0.033162496984004974, -0.019687503576278687, 0.028699999675154686, -0.037800002843141556, -0.006649998482316732, -0.007874998264014721];
-    const DW: [f32; 6] = [0.03871874138712883, 0.03421249985694885, -0.2344999760389328, 0.07317189872264862, 0.18987499177455902, -0.11156251281499863];
+    const DS: [f32; 24] = [
+        0.0006125028012320399,
+        -0.02108750119805336,
+        -0.00647500017657876,
+        0.0017062482656911016,
+        0.03552500158548355,
+        -0.0343875028192997,
+        -0.017237501218914986,
+        -0.011943751946091652,
+        -0.04287499934434891,
+        0.013125001452863216,
+        0.012250000610947609,
+        0.01706250011920929,
+        0.01785000041127205,
+        -0.04340000078082085,
+        0.024674998596310616,
+        -0.023187503218650818,
+        -0.003237498924136162,
+        -0.01811249926686287,
+        0.033162496984004974,
+        -0.019687503576278687,
+        0.028699999675154686,
+        -0.037800002843141556,
+        -0.006649998482316732,
+        -0.007874998264014721,
+    ];
+    const DW: [f32; 6] = [
+        0.03871874138712883,
+        0.03421249985694885,
+        -0.2344999760389328,
+        0.07317189872264862,
+        0.18987499177455902,
+        -0.11156251281499863,
+    ];
     const DB: [f32; 2] = [-0.1067500114440918, -0.09318751096725464];
 
     fn setup() -> (Hint, Named) {
         let mut params = Named::new();
-        let spec = HintSpec { teacher: "t".into(), student: "s".into() };
+        let spec = HintSpec {
+            teacher: "t".into(),
+            student: "s".into(),
+        };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let h = Hint::new(0, spec, &[2, 2, 2, 2], &[2, 3, 2, 2], &mut params, &mut rng).unwrap();
-        params.insert("hint0.projection.weight".into(), Tensor::new(vec![2, 3], vec![0.2, -0.1, 0.4, 0.3, 0.5, -0.2]).unwrap());
-        params.insert("hint0.projection.bias".into(), Tensor::new(vec![2], vec![0.1, -0.05]).unwrap());
+        params.insert(
+            "hint0.projection.weight".into(),
+            Tensor::new(vec![2, 3], vec![0.2, -0.1, 0.4, 0.3, 0.5, -0.2]).unwrap(),
+        );
+        params.insert(
+            "hint0.projection.bias".into(),
+            Tensor::new(vec![2], vec![0.1, -0.05]).unwrap(),
+        );
         (h, params)
     }
 
@@ -199,7 +316,11 @@ mod tests {
                 h.loss(&x, &t, 0.7, &params, &mut Named::new()).unwrap().0
             };
             let num = (at(eps) - at(-eps)) / (2.0 * eps as f64);
-            assert!((num - ds.data[i] as f64).abs() < 1e-5, "ds[{i}]: {num} vs {}", ds.data[i]);
+            assert!(
+                (num - ds.data[i] as f64).abs() < 1e-5,
+                "ds[{i}]: {num} vs {}",
+                ds.data[i]
+            );
         }
     }
 
@@ -208,9 +329,18 @@ mod tests {
         let mut params = Named::new();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let spec: HintSpec = "a:b".parse().unwrap();
-        let h = Hint::new(0, spec.clone(), &[1, 4, 3, 3], &[1, 4, 3, 3], &mut params, &mut rng).unwrap();
+        let h = Hint::new(
+            0,
+            spec.clone(),
+            &[1, 4, 3, 3],
+            &[1, 4, 3, 3],
+            &mut params,
+            &mut rng,
+        )
+        .unwrap();
         assert!(h.projection.is_none() && params.is_empty());
-        let e = Hint::new(0, spec, &[1, 4, 3, 3], &[1, 4, 6, 6], &mut params, &mut rng).unwrap_err();
+        let e =
+            Hint::new(0, spec, &[1, 4, 3, 3], &[1, 4, 6, 6], &mut params, &mut rng).unwrap_err();
         assert!(e.to_string().contains("a:b"), "{e}");
         assert!("nocolon".parse::<HintSpec>().is_err());
     }

@@ -29,7 +29,13 @@ pub trait Network {
     /// Training-mode forward pass (batch statistics, running statistics updated), then
     /// `loss` on the logits and `taps`, then the backward pass from the gradients it returns.
     /// Returns the gradient of every parameter.
-    fn train_step(&mut self, x: &Tensor, taps: &[String], rng: &mut ChaCha8Rng, loss: &mut LossFn<'_>) -> Result<Named>;
+    fn train_step(
+        &mut self,
+        x: &Tensor,
+        taps: &[String],
+        rng: &mut ChaCha8Rng,
+        loss: &mut LossFn<'_>,
+    ) -> Result<Named>;
 }
 
 /// Produces the teacher's logits (and, when it can, intermediate tensors for hint losses).
@@ -60,13 +66,15 @@ pub fn write_back(net: &dyn Network, model: &mut crate::onnx::Model) -> Result<(
     use anyhow::{bail, Context};
     let state = net.state();
     for (name, t) in net.params().iter().chain(state.iter()) {
-        let init = model
-            .graph
-            .initializers
-            .get_mut(name)
-            .with_context(|| format!("the model has no initializer `{name}` to write the trained values into"))?;
+        let init = model.graph.initializers.get_mut(name).with_context(|| {
+            format!("the model has no initializer `{name}` to write the trained values into")
+        })?;
         if init.dims != t.shape {
-            bail!("initializer `{name}` has shape {:?} but training produced {:?}", init.dims, t.shape);
+            bail!(
+                "initializer `{name}` has shape {:?} but training produced {:?}",
+                init.dims,
+                t.shape
+            );
         }
         match &mut init.data {
             crate::onnx::Data::F32(v) => v.copy_from_slice(&t.data),

@@ -38,7 +38,9 @@ pub trait Optimizer {
 }
 
 fn check_grad<'a>(name: &str, p: &Tensor, grads: &'a Named) -> Result<Option<&'a Tensor>> {
-    let Some(g) = grads.get(name) else { return Ok(None) };
+    let Some(g) = grads.get(name) else {
+        return Ok(None);
+    };
     ensure!(
         g.shape == p.shape,
         "the gradient of `{name}` has shape {:?} but the parameter has shape {:?}",
@@ -61,21 +63,49 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(lr: f64, momentum: f64, nesterov: bool, weight_decay: f64) -> Result<Sgd> {
-        ensure!(lr >= 0.0 && lr.is_finite(), "the learning rate must be a finite number >= 0, got {lr}");
-        ensure!((0.0..1.0).contains(&momentum), "SGD momentum must be in [0, 1), got {momentum}");
-        ensure!(weight_decay >= 0.0, "weight decay must be >= 0, got {weight_decay}");
-        ensure!(!nesterov || momentum > 0.0, "Nesterov momentum needs --momentum greater than 0");
-        Ok(Sgd { lr, momentum, nesterov, weight_decay, buffers: BTreeMap::new() })
+        ensure!(
+            lr >= 0.0 && lr.is_finite(),
+            "the learning rate must be a finite number >= 0, got {lr}"
+        );
+        ensure!(
+            (0.0..1.0).contains(&momentum),
+            "SGD momentum must be in [0, 1), got {momentum}"
+        );
+        ensure!(
+            weight_decay >= 0.0,
+            "weight decay must be >= 0, got {weight_decay}"
+        );
+        ensure!(
+            !nesterov || momentum > 0.0,
+            "Nesterov momentum needs --momentum greater than 0"
+        );
+        Ok(Sgd {
+            lr,
+            momentum,
+            nesterov,
+            weight_decay,
+            buffers: BTreeMap::new(),
+        })
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, params: &mut Named, grads: &Named) -> Result<()> {
-        let (lr, wd, mom) = (self.lr as f32, self.weight_decay as f32, self.momentum as f32);
+        let (lr, wd, mom) = (
+            self.lr as f32,
+            self.weight_decay as f32,
+            self.momentum as f32,
+        );
         for (name, p) in params.iter_mut() {
-            let Some(g) = check_grad(name, p, grads)? else { continue };
+            let Some(g) = check_grad(name, p, grads)? else {
+                continue;
+            };
             let mut d: Vec<f32> = if wd != 0.0 {
-                g.data.iter().zip(&p.data).map(|(&g, &p)| g + wd * p).collect()
+                g.data
+                    .iter()
+                    .zip(&p.data)
+                    .map(|(&g, &p)| g + wd * p)
+                    .collect()
             } else {
                 g.data.clone()
             };
@@ -116,7 +146,11 @@ impl Optimizer for Sgd {
 
     fn state(&self) -> OptimizerState {
         OptimizerState {
-            buffers: self.buffers.iter().map(|(k, v)| (format!("momentum/{k}"), v.clone())).collect(),
+            buffers: self
+                .buffers
+                .iter()
+                .map(|(k, v)| (format!("momentum/{k}"), v.clone()))
+                .collect(),
             steps: BTreeMap::new(),
         }
     }
@@ -148,10 +182,19 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<AdamW> {
-        ensure!(lr >= 0.0 && lr.is_finite(), "the learning rate must be a finite number >= 0, got {lr}");
-        ensure!((0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1), "AdamW betas must be in [0, 1)");
+        ensure!(
+            lr >= 0.0 && lr.is_finite(),
+            "the learning rate must be a finite number >= 0, got {lr}"
+        );
+        ensure!(
+            (0.0..1.0).contains(&betas.0) && (0.0..1.0).contains(&betas.1),
+            "AdamW betas must be in [0, 1)"
+        );
         ensure!(eps > 0.0, "AdamW eps must be positive");
-        ensure!(weight_decay >= 0.0, "weight decay must be >= 0, got {weight_decay}");
+        ensure!(
+            weight_decay >= 0.0,
+            "weight decay must be >= 0, got {weight_decay}"
+        );
         Ok(AdamW {
             lr,
             betas,
@@ -168,13 +211,21 @@ impl Optimizer for AdamW {
     fn step(&mut self, params: &mut Named, grads: &Named) -> Result<()> {
         let (b1, b2) = self.betas;
         for (name, p) in params.iter_mut() {
-            let Some(g) = check_grad(name, p, grads)? else { continue };
+            let Some(g) = check_grad(name, p, grads)? else {
+                continue;
+            };
             let n = p.data.len();
             let step = self.steps.entry(name.clone()).or_insert(0);
             *step += 1;
             let t = *step as i32;
-            let m = self.exp_avg.entry(name.clone()).or_insert_with(|| vec![0.0; n]);
-            let v = self.exp_avg_sq.entry(name.clone()).or_insert_with(|| vec![0.0; n]);
+            let m = self
+                .exp_avg
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; n]);
+            let v = self
+                .exp_avg_sq
+                .entry(name.clone())
+                .or_insert_with(|| vec![0.0; n]);
             let decay = (1.0 - self.lr * self.weight_decay) as f32;
             let w1 = (1.0 - b1) as f32;
             let (b2f, w2) = (b2 as f32, (1.0 - b2) as f32);
@@ -211,7 +262,10 @@ impl Optimizer for AdamW {
         for (k, v) in &self.exp_avg_sq {
             buffers.insert(format!("exp_avg_sq/{k}"), v.clone());
         }
-        OptimizerState { buffers, steps: self.steps.clone() }
+        OptimizerState {
+            buffers,
+            steps: self.steps.clone(),
+        }
     }
 
     fn load_state(&mut self, state: OptimizerState) -> Result<()> {
@@ -242,7 +296,10 @@ impl Optimizer for AdamW {
 /// together. Returns that norm (before clipping); a non-finite norm is an error, since
 /// scaling by it would silently turn every weight into NaN.
 pub fn clip_grad_norm(grads: &mut Named, max_norm: f64) -> Result<f64> {
-    ensure!(max_norm > 0.0, "--clip-grad-norm must be positive, got {max_norm}");
+    ensure!(
+        max_norm > 0.0,
+        "--clip-grad-norm must be positive, got {max_norm}"
+    );
     let norm = grad_norm(grads);
     ensure!(norm.is_finite(), "the gradient norm is {norm}");
     let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
@@ -258,14 +315,23 @@ pub fn clip_grad_norm(grads: &mut Named, max_norm: f64) -> Result<f64> {
 
 /// L2 norm of all gradients together (accumulated in f64).
 pub fn grad_norm(grads: &Named) -> f64 {
-    grads.values().flat_map(|g| &g.data).map(|&v| v as f64 * v as f64).sum::<f64>().sqrt()
+    grads
+        .values()
+        .flat_map(|g| &g.data)
+        .map(|&v| v as f64 * v as f64)
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Which optimizer to build, with its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind")]
 pub enum OptimizerConfig {
-    Sgd { momentum: f64, nesterov: bool, weight_decay: f64 },
+    Sgd {
+        momentum: f64,
+        nesterov: bool,
+        weight_decay: f64,
+    },
     /// PyTorch's defaults for betas and eps.
     Adamw { weight_decay: f64 },
 }
@@ -273,12 +339,17 @@ pub enum OptimizerConfig {
 impl OptimizerConfig {
     pub fn build(&self, lr: f64) -> Result<Box<dyn Optimizer>> {
         Ok(match *self {
-            OptimizerConfig::Sgd { momentum, nesterov, weight_decay } => {
-                Box::new(Sgd::new(lr, momentum, nesterov, weight_decay).context("invalid SGD settings")?)
-            }
-            OptimizerConfig::Adamw { weight_decay } => {
-                Box::new(AdamW::new(lr, (0.9, 0.999), 1e-8, weight_decay).context("invalid AdamW settings")?)
-            }
+            OptimizerConfig::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => Box::new(
+                Sgd::new(lr, momentum, nesterov, weight_decay).context("invalid SGD settings")?,
+            ),
+            OptimizerConfig::Adamw { weight_decay } => Box::new(
+                AdamW::new(lr, (0.9, 0.999), 1e-8, weight_decay)
+                    .context("invalid AdamW settings")?,
+            ),
         })
     }
 }
@@ -314,22 +385,86 @@ mod tests {
     //   run(lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6,
     //                                    weight_decay=0.1), clip=1.0)                 # adamw_clip
     //   run(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), clip=0.5)          # sgd_clip
-    const SGD_PLAIN: [f32; 8] = [-0.33460524678230286, -0.4946520924568176, 0.6907932758331299, -0.021698959171772003, 0.8024066686630249, -0.3902742564678192, 2.232576370239258, -0.003984863869845867];
-    const SGD_MOM_WD: [f32; 8] = [-0.5411335825920105, -0.653050422668457, 0.5782501101493835, -0.4080912470817566, 0.6607449650764465, -0.5241595506668091, 2.0564258098602295, -0.14156484603881836];
-    const SGD_NESTEROV: [f32; 8] = [-0.7125058174133301, -0.3881123661994934, 0.17499159276485443, -0.16967181861400604, 0.7038377523422241, -0.46272948384284973, 1.9117411375045776, -0.07443977147340775];
-    const ADAMW: [f32; 8] = [0.46951940655708313, -0.9719327092170715, 1.967095136642456, -0.02666923590004444, 0.9685315489768982, -0.27959689497947693, 2.965526819229126, 0.09484264999628067];
-    const ADAMW_CLIP: [f32; 8] = [0.4686720371246338, -0.9696913957595825, 1.963985800743103, -0.026252008974552155, 0.966913640499115, -0.2793431282043457, 2.9609131813049316, 0.0945349708199501];
-    const SGD_CLIP: [f32; 8] = [0.4335239827632904, -0.9842004179954529, 1.914810299873352, -0.037262190133333206, 0.973220944404602, -0.2725590765476227, 2.937041997909546, 0.10266656428575516];
+    const SGD_PLAIN: [f32; 8] = [
+        -0.33460524678230286,
+        -0.4946520924568176,
+        0.6907932758331299,
+        -0.021698959171772003,
+        0.8024066686630249,
+        -0.3902742564678192,
+        2.232576370239258,
+        -0.003984863869845867,
+    ];
+    const SGD_MOM_WD: [f32; 8] = [
+        -0.5411335825920105,
+        -0.653050422668457,
+        0.5782501101493835,
+        -0.4080912470817566,
+        0.6607449650764465,
+        -0.5241595506668091,
+        2.0564258098602295,
+        -0.14156484603881836,
+    ];
+    const SGD_NESTEROV: [f32; 8] = [
+        -0.7125058174133301,
+        -0.3881123661994934,
+        0.17499159276485443,
+        -0.16967181861400604,
+        0.7038377523422241,
+        -0.46272948384284973,
+        1.9117411375045776,
+        -0.07443977147340775,
+    ];
+    const ADAMW: [f32; 8] = [
+        0.46951940655708313,
+        -0.9719327092170715,
+        1.967095136642456,
+        -0.02666923590004444,
+        0.9685315489768982,
+        -0.27959689497947693,
+        2.965526819229126,
+        0.09484264999628067,
+    ];
+    const ADAMW_CLIP: [f32; 8] = [
+        0.4686720371246338,
+        -0.9696913957595825,
+        1.963985800743103,
+        -0.026252008974552155,
+        0.966913640499115,
+        -0.2793431282043457,
+        2.9609131813049316,
+        0.0945349708199501,
+    ];
+    const SGD_CLIP: [f32; 8] = [
+        0.4335239827632904,
+        -0.9842004179954529,
+        1.914810299873352,
+        -0.037262190133333206,
+        0.973220944404602,
+        -0.2725590765476227,
+        2.937041997909546,
+        0.10266656428575516,
+    ];
 
     fn run(opt: &mut dyn Optimizer, clip: Option<f64>) -> Vec<f32> {
         let mut params = Named::new();
-        params.insert("p".into(), Tensor::new(vec![4], vec![0.5, -1.0, 2.0, 0.0]).unwrap());
-        params.insert("q".into(), Tensor::new(vec![2, 2], vec![1.0, -0.25, 3.0, 0.125]).unwrap());
+        params.insert(
+            "p".into(),
+            Tensor::new(vec![4], vec![0.5, -1.0, 2.0, 0.0]).unwrap(),
+        );
+        params.insert(
+            "q".into(),
+            Tensor::new(vec![2, 2], vec![1.0, -0.25, 3.0, 0.125]).unwrap(),
+        );
         let w = [1.0f32, 2.0, 0.5, 3.0];
         for k in 0..3 {
             let (p, q) = (&params["p"].data, &params["q"].data);
             let (sp, sq): (f32, f32) = (p.iter().sum(), q.iter().sum());
-            let gp = p.iter().zip(w).map(|(&v, w)| 2.0 * (v - 0.3 * k as f32) * w + sq).collect();
+            let gp = p
+                .iter()
+                .zip(w)
+                .map(|(&v, w)| 2.0 * (v - 0.3 * k as f32) * w + sq)
+                .collect();
             let gq = q.iter().map(|&v| 0.3 * v * v + sp).collect();
             let mut grads = Named::new();
             grads.insert("p".into(), Tensor::new(vec![4], gp).unwrap());
@@ -345,35 +480,72 @@ mod tests {
     /// Both sides compute in f32 but may order or fuse operations differently: a few ulps.
     fn assert_close(got: &[f32], want: &[f32]) {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!((g - w).abs() <= 2e-6 * w.abs().max(1.0), "value {i}: {g} vs PyTorch {w}");
+            assert!(
+                (g - w).abs() <= 2e-6 * w.abs().max(1.0),
+                "value {i}: {g} vs PyTorch {w}"
+            );
         }
     }
 
     #[test]
     fn sgd_matches_pytorch() {
-        assert_close(&run(&mut Sgd::new(0.1, 0.0, false, 0.0).unwrap(), None), &SGD_PLAIN);
-        assert_close(&run(&mut Sgd::new(0.05, 0.9, false, 5e-4).unwrap(), None), &SGD_MOM_WD);
-        assert_close(&run(&mut Sgd::new(0.05, 0.9, true, 1e-2).unwrap(), None), &SGD_NESTEROV);
-        assert_close(&run(&mut Sgd::new(0.05, 0.9, false, 0.0).unwrap(), Some(0.5)), &SGD_CLIP);
+        assert_close(
+            &run(&mut Sgd::new(0.1, 0.0, false, 0.0).unwrap(), None),
+            &SGD_PLAIN,
+        );
+        assert_close(
+            &run(&mut Sgd::new(0.05, 0.9, false, 5e-4).unwrap(), None),
+            &SGD_MOM_WD,
+        );
+        assert_close(
+            &run(&mut Sgd::new(0.05, 0.9, true, 1e-2).unwrap(), None),
+            &SGD_NESTEROV,
+        );
+        assert_close(
+            &run(&mut Sgd::new(0.05, 0.9, false, 0.0).unwrap(), Some(0.5)),
+            &SGD_CLIP,
+        );
     }
 
     #[test]
     fn adamw_matches_pytorch() {
-        assert_close(&run(&mut AdamW::new(0.01, (0.9, 0.999), 1e-8, 0.05).unwrap(), None), &ADAMW);
-        assert_close(&run(&mut AdamW::new(0.01, (0.8, 0.99), 1e-6, 0.1).unwrap(), Some(1.0)), &ADAMW_CLIP);
+        assert_close(
+            &run(
+                &mut AdamW::new(0.01, (0.9, 0.999), 1e-8, 0.05).unwrap(),
+                None,
+            ),
+            &ADAMW,
+        );
+        assert_close(
+            &run(
+                &mut AdamW::new(0.01, (0.8, 0.99), 1e-6, 0.1).unwrap(),
+                Some(1.0),
+            ),
+            &ADAMW_CLIP,
+        );
     }
 
     #[test]
     fn state_round_trip_continues_identically() {
         for cfg in [
-            OptimizerConfig::Sgd { momentum: 0.9, nesterov: true, weight_decay: 1e-3 },
+            OptimizerConfig::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 1e-3,
+            },
             OptimizerConfig::Adamw { weight_decay: 0.01 },
         ] {
             let mut params = Named::new();
-            params.insert("w".into(), Tensor::new(vec![3], vec![1.0, -2.0, 0.5]).unwrap());
+            params.insert(
+                "w".into(),
+                Tensor::new(vec![3], vec![1.0, -2.0, 0.5]).unwrap(),
+            );
             let grads_at = |k: f32| {
                 let mut g = Named::new();
-                g.insert("w".into(), Tensor::new(vec![3], vec![0.1 * k, -0.2, 0.3 + k]).unwrap());
+                g.insert(
+                    "w".into(),
+                    Tensor::new(vec![3], vec![0.1 * k, -0.2, 0.3 + k]).unwrap(),
+                );
                 g
             };
             let mut a = cfg.build(0.1).unwrap();

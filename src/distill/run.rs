@@ -124,15 +124,33 @@ impl Options {
             },
             OptimizerKind::Adamw => {
                 ensure!(!self.nesterov, "--nesterov applies to SGD only");
-                OptimizerConfig::Adamw { weight_decay: self.weight_decay }
+                OptimizerConfig::Adamw {
+                    weight_decay: self.weight_decay,
+                }
             }
         };
-        ensure!((0.0..1.0).contains(&self.label_smoothing), "--label-smoothing must be in [0, 1), got {}", self.label_smoothing);
+        ensure!(
+            (0.0..1.0).contains(&self.label_smoothing),
+            "--label-smoothing must be in [0, 1), got {}",
+            self.label_smoothing
+        );
         let kd = match self.teacher {
             Some(_) => {
-                ensure!(self.temperature > 0.0, "--temperature must be positive, got {}", self.temperature);
-                ensure!((0.0..=1.0).contains(&self.alpha), "--alpha must be between 0 and 1, got {}", self.alpha);
-                Some(KdConfig { temperature: self.temperature, alpha: self.alpha, label_smoothing: self.label_smoothing })
+                ensure!(
+                    self.temperature > 0.0,
+                    "--temperature must be positive, got {}",
+                    self.temperature
+                );
+                ensure!(
+                    (0.0..=1.0).contains(&self.alpha),
+                    "--alpha must be between 0 and 1, got {}",
+                    self.alpha
+                );
+                Some(KdConfig {
+                    temperature: self.temperature,
+                    alpha: self.alpha,
+                    label_smoothing: self.label_smoothing,
+                })
             }
             None => None,
         };
@@ -185,7 +203,12 @@ pub trait TeacherFactory {
 }
 
 /// Normalisation ops whose presence shows the graph was exported for training.
-const NORMS: [&str; 4] = ["BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"];
+const NORMS: [&str; 4] = [
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+];
 
 /// How to export a student that keeps its BatchNorm layers.
 pub const EXPORT_HINT: &str = "export the student for training with `torch.onnx.export(model, x, path, \
@@ -194,19 +217,44 @@ pub const EXPORT_HINT: &str = "export the student for training with `torch.onnx.
 /// `[c, h, w]` of the model's single NCHW input.
 pub fn sample_shape(model: &Model, path: &Path) -> Result<[usize; 3]> {
     let g = &model.graph;
-    ensure!(g.inputs.len() == 1, "{} has {} inputs; training needs one image input", path.display(), g.inputs.len());
-    let s = g.inputs[0].concrete_shape(1).with_context(|| format!("input of {}", path.display()))?;
-    ensure!(s.len() == 4, "input `{}` of {} has shape {s:?}; training needs an NCHW image input", g.inputs[0].name, path.display());
+    ensure!(
+        g.inputs.len() == 1,
+        "{} has {} inputs; training needs one image input",
+        path.display(),
+        g.inputs.len()
+    );
+    let s = g.inputs[0]
+        .concrete_shape(1)
+        .with_context(|| format!("input of {}", path.display()))?;
+    ensure!(
+        s.len() == 4,
+        "input `{}` of {} has shape {s:?}; training needs an NCHW image input",
+        g.inputs[0].name,
+        path.display()
+    );
     Ok([s[1], s[2], s[3]])
 }
 
-fn load_samples(path: &Path, pre: &Preprocess, sample: [usize; 3], what: &str, model: &Path) -> Result<Samples> {
-    let ds = Dataset::open(path, pre, sample)
-        .with_context(|| format!("cannot use {} as {what} for {} (input [N, {}, {}, {}])", path.display(), model.display(), sample[0], sample[1], sample[2]))?;
+fn load_samples(
+    path: &Path,
+    pre: &Preprocess,
+    sample: [usize; 3],
+    what: &str,
+    model: &Path,
+) -> Result<Samples> {
+    let ds = Dataset::open(path, pre, sample).with_context(|| {
+        format!(
+            "cannot use {} as {what} for {} (input [N, {}, {}, {}])",
+            path.display(),
+            model.display(),
+            sample[0],
+            sample[1],
+            sample[2]
+        )
+    })?;
     let b = ds.load_all()?;
-    let y = b
-        .y
-        .with_context(|| format!("{} has no labels; {what} must be labelled", path.display()))?;
+    let y =
+        b.y.with_context(|| format!("{} has no labels; {what} must be labelled", path.display()))?;
     let x = Tensor::new(b.shape.to_vec(), b.x)?;
     Samples::new(x, y).with_context(|| format!("{what} {}", path.display()))
 }
@@ -225,9 +273,13 @@ pub fn run(
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let cfg = opts.fit_config(threads)?;
-    ensure!(cfg.stop_after.is_none_or(|s| s >= 1), "--stop-after must be at least 1");
+    ensure!(
+        cfg.stop_after.is_none_or(|s| s >= 1),
+        "--stop-after must be at least 1"
+    );
     if opts.resume && opts.checkpoint_dir.is_none() {
-        return Err(anyhow::anyhow!("--resume needs --checkpoint-dir")).hint("pass the --checkpoint-dir of the interrupted run");
+        return Err(anyhow::anyhow!("--resume needs --checkpoint-dir"))
+            .hint("pass the --checkpoint-dir of the interrupted run");
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -352,15 +404,25 @@ pub fn run(
 /// The parameters to train: every trainable one, narrowed by `--train-only` and `--freeze`.
 fn select(net: &dyn Network, opts: &Options) -> Result<BTreeSet<String>> {
     let known: Vec<&str> = net.params().keys().map(String::as_str).collect();
-    for (flag, names) in [("--freeze", &opts.freeze), ("--train-only", &opts.train_only)] {
+    for (flag, names) in [
+        ("--freeze", &opts.freeze),
+        ("--train-only", &opts.train_only),
+    ] {
         for n in names {
             if !net.params().contains_key(n) {
-                let near = known.iter().copied().max_by(|a, b| strsim::jaro_winkler(n, a).total_cmp(&strsim::jaro_winkler(n, b)));
+                let near = known.iter().copied().max_by(|a, b| {
+                    strsim::jaro_winkler(n, a).total_cmp(&strsim::jaro_winkler(n, b))
+                });
                 let hint = match near {
-                    Some(s) if strsim::jaro_winkler(n, s) > 0.8 => format!("did you mean `{s}`? the weights are: {}", known.join(", ")),
+                    Some(s) if strsim::jaro_winkler(n, s) > 0.8 => {
+                        format!("did you mean `{s}`? the weights are: {}", known.join(", "))
+                    }
                     _ => format!("the weights are: {}", known.join(", ")),
                 };
-                return Err(anyhow::anyhow!("{flag} {n}: the student has no weight of that name")).hint(hint);
+                return Err(anyhow::anyhow!(
+                    "{flag} {n}: the student has no weight of that name"
+                ))
+                .hint(hint);
             }
         }
     }
@@ -370,7 +432,11 @@ fn select(net: &dyn Network, opts: &Options) -> Result<BTreeSet<String>> {
     }
     keep.retain(|k| !opts.freeze.contains(k));
     if keep.is_empty() {
-        let why = if net.params().is_empty() { "the student has no trainable weights" } else { "--freeze/--train-only leave no weight to train" };
+        let why = if net.params().is_empty() {
+            "the student has no trainable weights"
+        } else {
+            "--freeze/--train-only leave no weight to train"
+        };
         return Err(anyhow::anyhow!("{why}"))
             .hint("training changes float initializers of Conv, Gemm, MatMul and normalisation layers; weights stored as Constant nodes or integer tensors cannot train");
     }
@@ -381,7 +447,9 @@ fn describe_trainable(net: &dyn Network, keep: &BTreeSet<String>, path: &Path) {
     let params = net.params();
     let count: usize = keep.iter().map(|k| params[k].numel()).sum();
     let list = |it: &mut dyn Iterator<Item = &String>| {
-        it.map(|k| format!("{k} {:?}", params[k].shape)).collect::<Vec<_>>().join(", ")
+        it.map(|k| format!("{k} {:?}", params[k].shape))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     printer::info(format!(
         "training {} of {} weights of {} ({count} values): {}",
@@ -397,7 +465,14 @@ fn describe_trainable(net: &dyn Network, keep: &BTreeSet<String>, path: &Path) {
 }
 
 /// Identifies what shapes a run's trajectory: a checkpoint resumes only under the same one.
-fn fingerprint(cfg: &FitConfig, student: &[u8], teacher: &[u8], opts: &Options, data: &Samples, trainable: &BTreeSet<String>) -> String {
+fn fingerprint(
+    cfg: &FitConfig,
+    student: &[u8],
+    teacher: &[u8],
+    opts: &Options,
+    data: &Samples,
+    trainable: &BTreeSet<String>,
+) -> String {
     let mut h = Sha256::new();
     h.update(serde_json::to_vec(cfg).unwrap_or_default());
     h.update(format!("{:?}", opts.teacher_backend));
@@ -443,7 +518,13 @@ mod tests {
         fn infer(&mut self, _: &Tensor, _: &[String]) -> Result<(Tensor, Vec<Tensor>)> {
             bail!("not run")
         }
-        fn train_step(&mut self, _: &Tensor, _: &[String], _: &mut rand_chacha::ChaCha8Rng, _: &mut LossFn<'_>) -> Result<Named> {
+        fn train_step(
+            &mut self,
+            _: &Tensor,
+            _: &[String],
+            _: &mut rand_chacha::ChaCha8Rng,
+            _: &mut LossFn<'_>,
+        ) -> Result<Named> {
             bail!("not run")
         }
     }
@@ -459,21 +540,37 @@ mod tests {
     fn a_student_without_trainable_weights_is_refused() {
         let e = select(&Weights(Named::new()), &opts(&[], &[])).unwrap_err();
         let text = crate::hint::render(&e);
-        assert!(text.starts_with("error: the student has no trainable weights"), "{text}");
+        assert!(
+            text.starts_with("error: the student has no trainable weights"),
+            "{text}"
+        );
         assert!(text.contains("hint: "), "{text}");
     }
 
     #[test]
     fn freeze_and_train_only_narrow_the_selection() {
         let names = ["a.weight", "a.bias", "b.weight"];
-        let net = Weights(names.iter().map(|n| (n.to_string(), Tensor::zeros(&[2]))).collect());
-        let got = |f: &[&str], t: &[&str]| select(&net, &opts(f, t)).map(|s| s.into_iter().collect::<Vec<_>>());
+        let net = Weights(
+            names
+                .iter()
+                .map(|n| (n.to_string(), Tensor::zeros(&[2])))
+                .collect(),
+        );
+        let got = |f: &[&str], t: &[&str]| {
+            select(&net, &opts(f, t)).map(|s| s.into_iter().collect::<Vec<_>>())
+        };
         assert_eq!(got(&[], &[]).unwrap(), ["a.bias", "a.weight", "b.weight"]);
         assert_eq!(got(&["a.bias"], &[]).unwrap(), ["a.weight", "b.weight"]);
-        assert_eq!(got(&["a.bias"], &["a.bias", "b.weight"]).unwrap(), ["b.weight"]);
+        assert_eq!(
+            got(&["a.bias"], &["a.bias", "b.weight"]).unwrap(),
+            ["b.weight"]
+        );
         let e = crate::hint::render(&got(&["b.weight"], &["b.weight"]).unwrap_err());
         assert!(e.contains("leave no weight to train"), "{e}");
         let e = crate::hint::render(&got(&["a.weigth"], &[]).unwrap_err());
-        assert!(e.contains("--freeze a.weigth") && e.contains("did you mean `a.weight`?"), "{e}");
+        assert!(
+            e.contains("--freeze a.weigth") && e.contains("did you mean `a.weight`?"),
+            "{e}"
+        );
     }
 }

@@ -31,13 +31,26 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub fn new(kind: ScheduleKind, base_lr: f64, warmup_steps: u64, total_steps: u64) -> Result<Schedule> {
-        ensure!(base_lr > 0.0 && base_lr.is_finite(), "--lr must be a positive number, got {base_lr}");
+    pub fn new(
+        kind: ScheduleKind,
+        base_lr: f64,
+        warmup_steps: u64,
+        total_steps: u64,
+    ) -> Result<Schedule> {
+        ensure!(
+            base_lr > 0.0 && base_lr.is_finite(),
+            "--lr must be a positive number, got {base_lr}"
+        );
         ensure!(
             warmup_steps <= total_steps,
             "the warm-up ({warmup_steps} steps) is longer than the whole training ({total_steps} steps)"
         );
-        Ok(Schedule { kind, base_lr, warmup_steps, total_steps })
+        Ok(Schedule {
+            kind,
+            base_lr,
+            warmup_steps,
+            total_steps,
+        })
     }
 
     /// The learning rate of step `k` (0-based).
@@ -54,9 +67,14 @@ impl Schedule {
         let done = k - w;
         match self.kind {
             ScheduleKind::Constant => 1.0,
-            ScheduleKind::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * done as f64 / span as f64).cos()),
+            ScheduleKind::Cosine => {
+                0.5 * (1.0 + (std::f64::consts::PI * done as f64 / span as f64).cos())
+            }
             ScheduleKind::Step => {
-                let passed = [span / 2, span * 3 / 4].iter().filter(|&&m| done >= m).count();
+                let passed = [span / 2, span * 3 / 4]
+                    .iter()
+                    .filter(|&&m| done >= m)
+                    .count();
                 0.1f64.powi(passed as i32)
             }
         }
@@ -81,23 +99,72 @@ mod tests {
     //   lrs(lambda o: MultiStepLR(o, milestones=[5, 7], gamma=0.1))         # STEP
     //   lrs(lambda o: SequentialLR(o, [LinearLR(o, start_factor=1/3, end_factor=1.0,
     //       total_iters=2), CosineAnnealingLR(o, T_max=7)], milestones=[3])) # WARM_COS
-    const COS: [f64; 10] = [0.1, 0.09755282581475769, 0.09045084971874738, 0.07938926261462367, 0.06545084971874739, 0.05000000000000001, 0.03454915028125264, 0.020610737385376353, 0.009549150281252635, 0.002447174185242324];
-    const STEP: [f64; 10] = [0.1, 0.1, 0.1, 0.1, 0.1, 0.010000000000000002, 0.010000000000000002, 0.0010000000000000002, 0.0010000000000000002, 0.0010000000000000002];
-    const WARM_COS: [f64; 10] = [0.03333333333333333, 0.06666666666666667, 0.1, 0.1, 0.09504844339512096, 0.08117449009293669, 0.061126046697815725, 0.03887395330218429, 0.018825509907063328, 0.004951556604879048];
+    const COS: [f64; 10] = [
+        0.1,
+        0.09755282581475769,
+        0.09045084971874738,
+        0.07938926261462367,
+        0.06545084971874739,
+        0.05000000000000001,
+        0.03454915028125264,
+        0.020610737385376353,
+        0.009549150281252635,
+        0.002447174185242324,
+    ];
+    const STEP: [f64; 10] = [
+        0.1,
+        0.1,
+        0.1,
+        0.1,
+        0.1,
+        0.010000000000000002,
+        0.010000000000000002,
+        0.0010000000000000002,
+        0.0010000000000000002,
+        0.0010000000000000002,
+    ];
+    const WARM_COS: [f64; 10] = [
+        0.03333333333333333,
+        0.06666666666666667,
+        0.1,
+        0.1,
+        0.09504844339512096,
+        0.08117449009293669,
+        0.061126046697815725,
+        0.03887395330218429,
+        0.018825509907063328,
+        0.004951556604879048,
+    ];
 
     fn check(s: Schedule, want: &[f64]) {
         for (k, w) in want.iter().enumerate() {
             let got = s.lr(k as u64);
-            assert!((got - w).abs() < 1e-12, "{:?} step {k}: {got} vs PyTorch {w}", s.kind);
+            assert!(
+                (got - w).abs() < 1e-12,
+                "{:?} step {k}: {got} vs PyTorch {w}",
+                s.kind
+            );
         }
     }
 
     #[test]
     fn schedules_match_pytorch() {
-        check(Schedule::new(ScheduleKind::Cosine, 0.1, 0, 10).unwrap(), &COS);
-        check(Schedule::new(ScheduleKind::Step, 0.1, 0, 10).unwrap(), &STEP);
-        check(Schedule::new(ScheduleKind::Cosine, 0.1, 3, 10).unwrap(), &WARM_COS);
-        check(Schedule::new(ScheduleKind::Constant, 0.1, 2, 10).unwrap(), &[0.05, 0.1, 0.1, 0.1]);
+        check(
+            Schedule::new(ScheduleKind::Cosine, 0.1, 0, 10).unwrap(),
+            &COS,
+        );
+        check(
+            Schedule::new(ScheduleKind::Step, 0.1, 0, 10).unwrap(),
+            &STEP,
+        );
+        check(
+            Schedule::new(ScheduleKind::Cosine, 0.1, 3, 10).unwrap(),
+            &WARM_COS,
+        );
+        check(
+            Schedule::new(ScheduleKind::Constant, 0.1, 2, 10).unwrap(),
+            &[0.05, 0.1, 0.1, 0.1],
+        );
     }
 
     #[test]

@@ -36,8 +36,17 @@ pub struct Samples {
 
 impl Samples {
     pub fn new(x: Tensor, y: Vec<i64>) -> Result<Samples> {
-        ensure!(x.shape.len() == 4, "samples must be NCHW, got shape {:?}", x.shape);
-        ensure!(x.shape[0] == y.len(), "{} samples but {} labels", x.shape[0], y.len());
+        ensure!(
+            x.shape.len() == 4,
+            "samples must be NCHW, got shape {:?}",
+            x.shape
+        );
+        ensure!(
+            x.shape[0] == y.len(),
+            "{} samples but {} labels",
+            x.shape[0],
+            y.len()
+        );
         ensure!(!y.is_empty(), "no samples");
         Ok(Samples { x, y })
     }
@@ -63,7 +72,10 @@ impl Samples {
         }
         let mut shape = self.x.shape.clone();
         shape[0] = idx.len();
-        (Tensor { shape, data }, idx.iter().map(|&i| self.y[i]).collect())
+        (
+            Tensor { shape, data },
+            idx.iter().map(|&i| self.y[i]).collect(),
+        )
     }
 }
 
@@ -155,16 +167,31 @@ pub struct Fit {
 }
 
 /// Top-1 accuracy of `net` (inference mode) on `data`.
-pub fn evaluate(net: &mut dyn Network, data: &Samples, batch: usize, progress: &dyn Progress) -> Result<f64> {
+pub fn evaluate(
+    net: &mut dyn Network,
+    data: &Samples,
+    batch: usize,
+    progress: &dyn Progress,
+) -> Result<f64> {
     accuracy(|x| Ok(net.infer(x, &[])?.0), data, batch, progress)
 }
 
 /// Top-1 accuracy of a teacher on `data`.
-pub fn evaluate_teacher(t: &mut dyn Teacher, data: &Samples, batch: usize, progress: &dyn Progress) -> Result<f64> {
+pub fn evaluate_teacher(
+    t: &mut dyn Teacher,
+    data: &Samples,
+    batch: usize,
+    progress: &dyn Progress,
+) -> Result<f64> {
     accuracy(|x| Ok(t.infer(x, &[])?.0), data, batch, progress)
 }
 
-fn accuracy(mut f: impl FnMut(&Tensor) -> Result<Tensor>, data: &Samples, batch: usize, progress: &dyn Progress) -> Result<f64> {
+fn accuracy(
+    mut f: impl FnMut(&Tensor) -> Result<Tensor>,
+    data: &Samples,
+    batch: usize,
+    progress: &dyn Progress,
+) -> Result<f64> {
     let mut right = 0;
     for start in (0..data.len()).step_by(batch.max(1)) {
         let idx: Vec<usize> = (start..(start + batch).min(data.len())).collect();
@@ -187,7 +214,12 @@ fn classes(logits: &Tensor, n: usize) -> Result<usize> {
 }
 
 /// Runs the teacher over all of `data` once: its logits for every sample, in order.
-fn teacher_logits(t: &mut dyn Teacher, data: &Samples, batch: usize, progress: &dyn Progress) -> Result<Tensor> {
+fn teacher_logits(
+    t: &mut dyn Teacher,
+    data: &Samples,
+    batch: usize,
+    progress: &dyn Progress,
+) -> Result<Tensor> {
     progress.phase("teacher logits", data.len() as u64);
     let mut out = Vec::new();
     let mut k = 0;
@@ -200,7 +232,10 @@ fn teacher_logits(t: &mut dyn Teacher, data: &Samples, batch: usize, progress: &
         progress.advance(idx.len() as u64);
     }
     progress.finish();
-    Ok(Tensor { shape: vec![data.len(), k], data: out })
+    Ok(Tensor {
+        shape: vec![data.len(), k],
+        data: out,
+    })
 }
 
 fn rows(t: &Tensor, idx: &[usize]) -> Tensor {
@@ -209,11 +244,17 @@ fn rows(t: &Tensor, idx: &[usize]) -> Tensor {
     for &i in idx {
         data.extend_from_slice(&t.data[i * k..(i + 1) * k]);
     }
-    Tensor { shape: vec![idx.len(), k], data }
+    Tensor {
+        shape: vec![idx.len(), k],
+        data,
+    }
 }
 
 fn only(named: Named, keep: &BTreeSet<String>) -> Named {
-    named.into_iter().filter(|(k, _)| keep.contains(k)).collect()
+    named
+        .into_iter()
+        .filter(|(k, _)| keep.contains(k))
+        .collect()
 }
 
 /// Everything a checkpoint restores.
@@ -244,8 +285,14 @@ pub fn fit(
     ensure!(cfg.epochs > 0, "--epochs must be at least 1");
     ensure!(cfg.batch_size > 0, "--batch-size must be at least 1");
     ensure!(!trainable.is_empty(), "no parameter is left to train");
-    ensure!(cfg.kd.is_none() || teacher.is_some(), "distillation needs a teacher");
-    ensure!(cfg.hints.is_empty() || cfg.kd.is_some(), "hint losses need a teacher");
+    ensure!(
+        cfg.kd.is_none() || teacher.is_some(),
+        "distillation needs a teacher"
+    );
+    ensure!(
+        cfg.hints.is_empty() || cfg.kd.is_some(),
+        "hint losses need a teacher"
+    );
     let n = data.len();
     let steps_per_epoch = n.div_ceil(cfg.batch_size) as u64;
     let schedule = Schedule::new(
@@ -264,28 +311,57 @@ pub fn fit(
     let mut hint_params = Named::new();
     let mut hints = Vec::new();
     if !cfg.hints.is_empty() {
-        let t = teacher.as_deref_mut().context("hint losses need a teacher")?;
+        let t = teacher
+            .as_deref_mut()
+            .context("hint losses need a teacher")?;
         let (x, _) = data.gather(&[0]);
-        let (_, tt) = t.infer(&x, &teacher_taps).context("cannot read the teacher's hint tensors")?;
-        let (_, st) = net.infer(&x, &student_taps).context("cannot read the student's hint tensors")?;
+        let (_, tt) = t
+            .infer(&x, &teacher_taps)
+            .context("cannot read the teacher's hint tensors")?;
+        let (_, st) = net
+            .infer(&x, &student_taps)
+            .context("cannot read the student's hint tensors")?;
         for (i, spec) in cfg.hints.iter().enumerate() {
-            hints.push(Hint::new(i, spec.clone(), &tt[i].shape, &st[i].shape, &mut hint_params, &mut rng)?);
+            hints.push(Hint::new(
+                i,
+                spec.clone(),
+                &tt[i].shape,
+                &st[i].shape,
+                &mut hint_params,
+                &mut rng,
+            )?);
         }
     }
 
-    let mut pos = Position { epoch: 0, step: 0, rng, best: None, best_weights: None, metrics: Vec::new() };
+    let mut pos = Position {
+        epoch: 0,
+        step: 0,
+        rng,
+        best: None,
+        best_weights: None,
+        metrics: Vec::new(),
+    };
     let ckpt_path = cfg.checkpoint_dir.as_deref().map(Checkpoint::path);
     if cfg.resume {
-        let path = ckpt_path.as_deref().context("--resume needs --checkpoint-dir")?;
+        let path = ckpt_path
+            .as_deref()
+            .context("--resume needs --checkpoint-dir")?;
         pos = restore(path, cfg, fingerprint, net, &mut hint_params, opt.as_mut())?;
-        crate::printer::info(format!("resuming after epoch {} of {} from {}", pos.epoch, cfg.epochs, path.display()));
+        crate::printer::info(format!(
+            "resuming after epoch {} of {} from {}",
+            pos.epoch,
+            cfg.epochs,
+            path.display()
+        ));
     }
 
     let cached = match (&mut teacher, cfg.augment.is_empty() && cfg.hints.is_empty()) {
         // A sample's teacher logits do not depend on the batch it is computed in (bit for bit
         // at usual batch sizes, to float rounding for tiny ones, where the engine takes other
         // kernels), so without augmentation one pass gives what every epoch would ask for.
-        (Some(t), true) if pos.epoch < cfg.epochs => Some(teacher_logits(&mut **t, data, 256, progress)?),
+        (Some(t), true) if pos.epoch < cfg.epochs => {
+            Some(teacher_logits(&mut **t, data, 256, progress)?)
+        }
         _ => None,
     };
 
@@ -300,7 +376,8 @@ pub fn fit(
         let started = Instant::now();
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut pos.rng);
-        let (mut loss_sum, mut correct, mut seen, mut max_norm, mut lr) = (0.0, 0usize, 0usize, 0f64, cfg.lr);
+        let (mut loss_sum, mut correct, mut seen, mut max_norm, mut lr) =
+            (0.0, 0usize, 0usize, 0f64, cfg.lr);
         for (b, idx) in order.chunks(cfg.batch_size).enumerate() {
             let (mut x, y) = data.gather(idx);
             let shape = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
@@ -308,7 +385,9 @@ pub fn fit(
             let (t_logits, t_taps) = match (&cached, &mut teacher) {
                 (Some(c), _) => (Some(rows(c, idx)), Vec::new()),
                 (None, Some(t)) if cfg.kd.is_some() => {
-                    let (l, taps) = t.infer(&x, &teacher_taps).context("the teacher failed on a training batch")?;
+                    let (l, taps) = t
+                        .infer(&x, &teacher_taps)
+                        .context("the teacher failed on a training batch")?;
                     (Some(l), taps)
                 }
                 _ => (None, Vec::new()),
@@ -334,19 +413,40 @@ pub fn fit(
                 let mut total = lg.loss;
                 let mut tap_grads = Vec::with_capacity(hints.len());
                 for (i, h) in hints.iter().enumerate() {
-                    let (l, g) = h.loss(&taps[i], &t_taps[i], cfg.hint_weight, &hint_params, &mut hint_grads)?;
+                    let (l, g) = h.loss(
+                        &taps[i],
+                        &t_taps[i],
+                        cfg.hint_weight,
+                        &hint_params,
+                        &mut hint_grads,
+                    )?;
                     total += l;
                     tap_grads.push(g);
                 }
                 batch_loss = total;
-                Ok((Tensor { shape: logits.shape.clone(), data: lg.grad }, tap_grads))
+                Ok((
+                    Tensor {
+                        shape: logits.shape.clone(),
+                        data: lg.grad,
+                    },
+                    tap_grads,
+                ))
             };
             let step = pos.step + 1;
             let result = net.train_step(&x, &student_taps, &mut pos.rng, &mut loss_fn);
-            let where_ = || format!("step {step} (epoch {epoch}, batch {} of {steps_per_epoch})", b + 1);
+            let where_ = || {
+                format!(
+                    "step {step} (epoch {epoch}, batch {} of {steps_per_epoch})",
+                    b + 1
+                )
+            };
             // A failed step leaves `batch_loss` unset; only a finished one can have diverged.
             if result.is_ok() && !batch_loss.is_finite() {
-                return Err(diverged(&format!("the loss is {batch_loss} at {}", where_()), ckpt_path.as_deref(), pos.epoch));
+                return Err(diverged(
+                    &format!("the loss is {batch_loss} at {}", where_()),
+                    ckpt_path.as_deref(),
+                    pos.epoch,
+                ));
             }
             let grads = result.with_context(|| format!("training failed at {}", where_()))?;
             let mut grads = only(grads, trainable);
@@ -356,10 +456,15 @@ pub fn fit(
                 None => grad_norm(&grads),
             };
             if !norm.is_finite() {
-                return Err(diverged(&format!("the gradient norm is {norm} at {}", where_()), ckpt_path.as_deref(), pos.epoch));
+                return Err(diverged(
+                    &format!("the gradient norm is {norm} at {}", where_()),
+                    ckpt_path.as_deref(),
+                    pos.epoch,
+                ));
             }
             max_norm = max_norm.max(norm);
-            opt.step(net.params_mut(), &grads).with_context(|| format!("optimizer step {step}"))?;
+            opt.step(net.params_mut(), &grads)
+                .with_context(|| format!("optimizer step {step}"))?;
             if !hint_params.is_empty() {
                 opt.step(&mut hint_params, &grads)?;
             }
@@ -369,7 +474,11 @@ pub fn fit(
             seen += idx.len();
             progress.advance(idx.len() as u64);
             let secs = started.elapsed().as_secs_f64().max(1e-9);
-            progress.status(loss_sum / seen as f64, correct as f64 / seen as f64, seen as f64 / secs);
+            progress.status(
+                loss_sum / seen as f64,
+                correct as f64 / seen as f64,
+                seen as f64 / secs,
+            );
         }
         let train_s = started.elapsed().as_secs_f64().max(1e-9);
         progress.finish();
@@ -377,7 +486,8 @@ pub fn fit(
         let val_acc = match val {
             Some(v) => {
                 progress.phase("validation", v.len() as u64);
-                let a = evaluate(net, v, 256, progress).with_context(|| format!("validation after epoch {epoch}"))?;
+                let a = evaluate(net, v, 256, progress)
+                    .with_context(|| format!("validation after epoch {epoch}"))?;
                 progress.finish();
                 Some(a)
             }
@@ -418,14 +528,23 @@ pub fn fit(
         *net.params_mut() = params;
         net.set_state(&state)?;
     }
-    Ok(Fit { best: pos.best, epochs_done: pos.epoch, stopped_early, metrics: pos.metrics })
+    Ok(Fit {
+        best: pos.best,
+        epochs_done: pos.epoch,
+        stopped_early,
+        metrics: pos.metrics,
+    })
 }
 
 fn diverged(what: &str, ckpt: Option<&std::path::Path>, epochs_done: usize) -> anyhow::Error {
     let last = match ckpt {
-        Some(p) if epochs_done > 0 => format!("the last good checkpoint is {} (after epoch {epochs_done})", p.display()),
+        Some(p) if epochs_done > 0 => format!(
+            "the last good checkpoint is {} (after epoch {epochs_done})",
+            p.display()
+        ),
         Some(_) => "no checkpoint was written yet (the first epoch had not finished)".to_string(),
-        None => "no checkpoint was kept (pass --checkpoint-dir to keep one after every epoch)".to_string(),
+        None => "no checkpoint was kept (pass --checkpoint-dir to keep one after every epoch)"
+            .to_string(),
     };
     let e: Result<()> = Err(anyhow!("training diverged: {what}; {last}"));
     e.hint("lower --lr, add --warmup-epochs or set --clip-grad-norm; continue from the checkpoint with --resume")
@@ -458,7 +577,19 @@ fn save(
     c.put("param", net.params());
     c.put("state", &net.state());
     c.put("hint", hint_params);
-    let buffers: Named = opt.buffers.into_iter().map(|(k, v)| (k, Tensor { shape: vec![v.len()], data: v })).collect();
+    let buffers: Named = opt
+        .buffers
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                Tensor {
+                    shape: vec![v.len()],
+                    data: v,
+                },
+            )
+        })
+        .collect();
     c.put("optim", &buffers);
     if let Some((p, s)) = &pos.best_weights {
         c.put("best.param", p);
@@ -484,7 +615,12 @@ fn restore(
         ))
         .hint("resume with exactly the options of the interrupted run (only --threads, --stop-after, --metrics and --out may change), or start again without --resume");
     }
-    ensure!(m.epoch <= cfg.epochs, "the checkpoint is after epoch {} but the run has {} epochs", m.epoch, cfg.epochs);
+    ensure!(
+        m.epoch <= cfg.epochs,
+        "the checkpoint is after epoch {} but the run has {} epochs",
+        m.epoch,
+        cfg.epochs
+    );
     if m.threads != cfg.threads {
         crate::printer::warn(format!(
             "the checkpoint was written with --threads {} and this run uses {}; results may differ in the last bits from an uninterrupted run",
@@ -494,17 +630,35 @@ fn restore(
     let params = c.group("param");
     check_same(net.params(), &params, "parameters")?;
     *net.params_mut() = params;
-    net.set_state(&c.group("state")).context("cannot restore the batch-norm statistics")?;
+    net.set_state(&c.group("state"))
+        .context("cannot restore the batch-norm statistics")?;
     let hints = c.group("hint");
     check_same(hint_params, &hints, "hint projections")?;
     *hint_params = hints;
-    let buffers = c.group("optim").into_iter().map(|(k, t)| (k, t.data)).collect();
-    opt.load_state(OptimizerState { buffers, steps: m.optimizer_steps.clone() })?;
+    let buffers = c
+        .group("optim")
+        .into_iter()
+        .map(|(k, t)| (k, t.data))
+        .collect();
+    opt.load_state(OptimizerState {
+        buffers,
+        steps: m.optimizer_steps.clone(),
+    })?;
     let word_pos: u128 = m.rng_word_pos.parse().context("bad RNG position")?;
     let mut rng = ChaCha8Rng::seed_from_u64(m.seed);
     rng.set_word_pos(word_pos);
-    let best_weights = m.best.is_some().then(|| (c.group("best.param"), c.group("best.state")));
-    Ok(Position { epoch: m.epoch, step: m.step, rng, best: m.best, best_weights, metrics: m.metrics.clone() })
+    let best_weights = m
+        .best
+        .is_some()
+        .then(|| (c.group("best.param"), c.group("best.state")));
+    Ok(Position {
+        epoch: m.epoch,
+        step: m.step,
+        rng,
+        best: m.best,
+        best_weights,
+        metrics: m.metrics.clone(),
+    })
 }
 
 /// The checkpoint must hold the same tensors (names and shapes) as the model being trained.
@@ -512,7 +666,11 @@ fn check_same(have: &Named, saved: &Named, what: &str) -> Result<()> {
     for (k, t) in have {
         match saved.get(k) {
             Some(s) if s.shape == t.shape => {}
-            Some(s) => bail!("checkpoint {what}: `{k}` has shape {:?}, the model {:?}", s.shape, t.shape),
+            Some(s) => bail!(
+                "checkpoint {what}: `{k}` has shape {:?}, the model {:?}",
+                s.shape,
+                t.shape
+            ),
             None => bail!("checkpoint {what}: `{k}` is missing"),
         }
     }

@@ -18,9 +18,26 @@ impl Linear {
         let mut params = Named::new();
         let mut rng = ChaCha8Rng::seed_from_u64(99);
         let w = (0..k * d).map(|_| rng.random_range(-0.1f32..0.1)).collect();
-        params.insert("w".into(), Tensor { shape: vec![k, d], data: w });
-        params.insert("b".into(), Tensor { shape: vec![k], data: vec![0.0; k] });
-        Linear { params, mean: vec![0.0; d], d, k }
+        params.insert(
+            "w".into(),
+            Tensor {
+                shape: vec![k, d],
+                data: w,
+            },
+        );
+        params.insert(
+            "b".into(),
+            Tensor {
+                shape: vec![k],
+                data: vec![0.0; k],
+            },
+        );
+        Linear {
+            params,
+            mean: vec![0.0; d],
+            d,
+            k,
+        }
     }
 
     fn logits(&self, xc: &[f32], n: usize) -> Tensor {
@@ -28,15 +45,28 @@ impl Linear {
         let mut out = vec![0f32; n * self.k];
         for s in 0..n {
             for o in 0..self.k {
-                out[s * self.k + o] = b[o] + (0..self.d).map(|i| w[o * self.d + i] * xc[s * self.d + i]).sum::<f32>();
+                out[s * self.k + o] = b[o]
+                    + (0..self.d)
+                        .map(|i| w[o * self.d + i] * xc[s * self.d + i])
+                        .sum::<f32>();
             }
         }
-        Tensor { shape: vec![n, self.k], data: out }
+        Tensor {
+            shape: vec![n, self.k],
+            data: out,
+        }
     }
 
     fn centred(&self, x: &Tensor, mean: &[f32]) -> Tensor {
-        let data = x.data.chunks(self.d).flat_map(|r| r.iter().zip(mean).map(|(a, m)| a - m)).collect();
-        Tensor { shape: vec![x.shape[0], self.d], data }
+        let data = x
+            .data
+            .chunks(self.d)
+            .flat_map(|r| r.iter().zip(mean).map(|(a, m)| a - m))
+            .collect();
+        Tensor {
+            shape: vec![x.shape[0], self.d],
+            data,
+        }
     }
 }
 
@@ -48,7 +78,14 @@ impl Network for Linear {
         &mut self.params
     }
     fn state(&self) -> Named {
-        [("mean".to_string(), Tensor { shape: vec![self.d], data: self.mean.clone() })].into()
+        [(
+            "mean".to_string(),
+            Tensor {
+                shape: vec![self.d],
+                data: self.mean.clone(),
+            },
+        )]
+        .into()
     }
     fn set_state(&mut self, state: &Named) -> Result<()> {
         self.mean = state.get("mean").context("no mean")?.data.clone();
@@ -59,7 +96,13 @@ impl Network for Linear {
         let l = self.logits(&xc.data, x.shape[0]);
         Ok((l, taps.iter().map(|_| xc.clone()).collect()))
     }
-    fn train_step(&mut self, x: &Tensor, taps: &[String], _rng: &mut ChaCha8Rng, loss: &mut LossFn<'_>) -> Result<Named> {
+    fn train_step(
+        &mut self,
+        x: &Tensor,
+        taps: &[String],
+        _rng: &mut ChaCha8Rng,
+        loss: &mut LossFn<'_>,
+    ) -> Result<Named> {
         let n = x.shape[0];
         let mut mb = vec![0f32; self.d];
         for r in x.data.chunks(self.d) {
@@ -86,8 +129,20 @@ impl Network for Linear {
             }
         }
         let mut grads = Named::new();
-        grads.insert("w".into(), Tensor { shape: vec![self.k, self.d], data: dw });
-        grads.insert("b".into(), Tensor { shape: vec![self.k], data: db });
+        grads.insert(
+            "w".into(),
+            Tensor {
+                shape: vec![self.k, self.d],
+                data: dw,
+            },
+        );
+        grads.insert(
+            "b".into(),
+            Tensor {
+                shape: vec![self.k],
+                data: db,
+            },
+        );
         Ok(grads)
     }
 }
@@ -95,15 +150,30 @@ impl Network for Linear {
 /// Three well-separated blobs in 4 dimensions (NCHW `[n, 1, 2, 2]`).
 fn blobs(n: usize, seed: u64) -> Samples {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let centres = [[2.0f32, 0.0, 0.0, 1.0], [0.0, 2.0, 1.0, 0.0], [-1.0, -1.0, 2.0, 2.0]];
+    let centres = [
+        [2.0f32, 0.0, 0.0, 1.0],
+        [0.0, 2.0, 1.0, 0.0],
+        [-1.0, -1.0, 2.0, 2.0],
+    ];
     let mut x = Vec::new();
     let mut y = Vec::new();
     for i in 0..n {
         let k = i % 3;
-        x.extend(centres[k].iter().map(|c| c + rng.random_range(-0.5f32..0.5)));
+        x.extend(
+            centres[k]
+                .iter()
+                .map(|c| c + rng.random_range(-0.5f32..0.5)),
+        );
         y.push(k as i64);
     }
-    Samples::new(Tensor { shape: vec![n, 1, 2, 2], data: x }, y).unwrap()
+    Samples::new(
+        Tensor {
+            shape: vec![n, 1, 2, 2],
+            data: x,
+        },
+        y,
+    )
+    .unwrap()
 }
 
 fn config() -> FitConfig {
@@ -111,7 +181,11 @@ fn config() -> FitConfig {
         epochs: 3,
         batch_size: 16,
         lr: 0.1,
-        optimizer: OptimizerConfig::Sgd { momentum: 0.9, nesterov: true, weight_decay: 5e-4 },
+        optimizer: OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+        },
         schedule: ScheduleKind::Cosine,
         warmup_epochs: 1,
         label_smoothing: 0.0,
@@ -135,12 +209,26 @@ fn all() -> BTreeSet<String> {
 fn train(cfg: &FitConfig, teacher: Option<&mut dyn Teacher>) -> Result<(Linear, Fit)> {
     let mut net = Linear::new(4, 3);
     let (data, val) = (blobs(90, 1), blobs(30, 2));
-    let fit = super::fit(&mut net, teacher, &data, Some(&val), cfg, &all(), "fp", &NoProgress, &mut |_| Ok(()))?;
+    let fit = super::fit(
+        &mut net,
+        teacher,
+        &data,
+        Some(&val),
+        cfg,
+        &all(),
+        "fp",
+        &NoProgress,
+        &mut |_| Ok(()),
+    )?;
     Ok((net, fit))
 }
 
 fn bits(net: &Linear) -> Vec<u32> {
-    net.params.values().flat_map(|t| t.data.iter().map(|v| v.to_bits())).chain(net.mean.iter().map(|v| v.to_bits())).collect()
+    net.params
+        .values()
+        .flat_map(|t| t.data.iter().map(|v| v.to_bits()))
+        .chain(net.mean.iter().map(|v| v.to_bits()))
+        .collect()
 }
 
 #[test]
@@ -150,7 +238,10 @@ fn training_learns_and_keeps_the_best_epoch() {
     assert!(best.val_acc > 0.9, "{best:?}");
     assert_eq!(fit.metrics.len(), 3);
     assert_eq!(fit.metrics[2]["step"], 18);
-    assert_eq!(evaluate(&mut net, &blobs(30, 2), 7, &NoProgress).unwrap(), best.val_acc);
+    assert_eq!(
+        evaluate(&mut net, &blobs(30, 2), 7, &NoProgress).unwrap(),
+        best.val_acc
+    );
 }
 
 #[test]
@@ -167,7 +258,11 @@ fn same_seed_same_weights_other_seed_other_weights() {
 #[test]
 fn resume_continues_bit_for_bit() {
     for opt in [
-        OptimizerConfig::Sgd { momentum: 0.9, nesterov: false, weight_decay: 1e-3 },
+        OptimizerConfig::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-3,
+        },
         OptimizerConfig::Adamw { weight_decay: 0.01 },
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -200,8 +295,23 @@ fn resume_with_other_settings_is_refused() {
     train(&cfg, None).unwrap();
     cfg.resume = true;
     let mut net = Linear::new(4, 3);
-    let e = super::fit(&mut net, None, &blobs(90, 1), None, &cfg, &all(), "other", &NoProgress, &mut |_| Ok(())).unwrap_err();
-    assert!(crate::hint::render(&e).contains("other settings"), "{}", crate::hint::render(&e));
+    let e = super::fit(
+        &mut net,
+        None,
+        &blobs(90, 1),
+        None,
+        &cfg,
+        &all(),
+        "other",
+        &NoProgress,
+        &mut |_| Ok(()),
+    )
+    .unwrap_err();
+    assert!(
+        crate::hint::render(&e).contains("other settings"),
+        "{}",
+        crate::hint::render(&e)
+    );
 }
 
 #[test]
@@ -214,7 +324,10 @@ fn divergence_names_the_step_and_the_checkpoint() {
     cfg.checkpoint_dir = Some(dir.path().to_path_buf());
     let e = train(&cfg, None).unwrap_err();
     let text = crate::hint::render(&e);
-    assert!(text.contains("the loss is NaN at step 3 (epoch 1, batch 3 of 6)"), "{text}");
+    assert!(
+        text.contains("the loss is NaN at step 3 (epoch 1, batch 3 of 6)"),
+        "{text}"
+    );
     assert!(text.contains("no checkpoint was written yet"), "{text}");
     assert!(text.contains("hint: lower --lr"), "{text}");
 }
@@ -226,7 +339,18 @@ fn frozen_parameters_do_not_move() {
     let keep: BTreeSet<String> = ["b".to_string()].into();
     let mut cfg = config();
     cfg.epochs = 1;
-    super::fit(&mut net, None, &blobs(30, 1), None, &cfg, &keep, "fp", &NoProgress, &mut |_| Ok(())).unwrap();
+    super::fit(
+        &mut net,
+        None,
+        &blobs(30, 1),
+        None,
+        &cfg,
+        &keep,
+        "fp",
+        &NoProgress,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     assert_eq!(net.params["w"], before);
     assert_ne!(net.params["b"].data, vec![0.0; 3]);
 }
@@ -239,21 +363,42 @@ impl Teacher for Oracle {
         "oracle".into()
     }
     fn infer(&mut self, x: &Tensor, taps: &[String]) -> Result<(Tensor, Vec<Tensor>)> {
-        let centres = [[2.0f32, 0.0, 0.0, 1.0], [0.0, 2.0, 1.0, 0.0], [-1.0, -1.0, 2.0, 2.0]];
+        let centres = [
+            [2.0f32, 0.0, 0.0, 1.0],
+            [0.0, 2.0, 1.0, 0.0],
+            [-1.0, -1.0, 2.0, 2.0],
+        ];
         let data = x
             .data
             .chunks(4)
-            .flat_map(|r| centres.iter().map(move |c| -c.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()))
+            .flat_map(|r| {
+                centres
+                    .iter()
+                    .map(move |c| -c.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>())
+            })
             .collect();
-        let feats = Tensor { shape: vec![x.shape[0], 4], data: x.data.clone() };
-        Ok((Tensor { shape: vec![x.shape[0], 3], data }, taps.iter().map(|_| feats.clone()).collect()))
+        let feats = Tensor {
+            shape: vec![x.shape[0], 4],
+            data: x.data.clone(),
+        };
+        Ok((
+            Tensor {
+                shape: vec![x.shape[0], 3],
+                data,
+            },
+            taps.iter().map(|_| feats.clone()).collect(),
+        ))
     }
 }
 
 #[test]
 fn distillation_with_cached_and_per_batch_teacher() {
     let mut cfg = config();
-    cfg.kd = Some(KdConfig { temperature: 4.0, alpha: 0.9, label_smoothing: 0.0 });
+    cfg.kd = Some(KdConfig {
+        temperature: 4.0,
+        alpha: 0.9,
+        label_smoothing: 0.0,
+    });
     cfg.augment.clear();
     let (_, fit) = train(&cfg, Some(&mut Oracle)).unwrap();
     assert!(fit.best.unwrap().val_acc > 0.9);
