@@ -24,17 +24,32 @@ struct Trainer {
 
 impl Trainer {
     fn new(model: &str, shape: [usize; 4]) -> Trainer {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(model);
-        let net = Net::from_model(&Model::load(&path).expect("fixture model")).expect("supported model");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(model);
+        let net =
+            Net::from_model(&Model::load(&path).expect("fixture model")).expect("supported model");
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let n: usize = shape.iter().product();
-        let x = Tensor::new(shape.to_vec(), (0..n).map(|_| rng.random::<f32>()).collect()).expect("input");
+        let x = Tensor::new(
+            shape.to_vec(),
+            (0..n).map(|_| rng.random::<f32>()).collect(),
+        )
+        .expect("input");
         let labels = (0..shape[0]).map(|_| rng.random_range(0..10)).collect();
-        Trainer { net, x, labels, rng }
+        Trainer {
+            net,
+            x,
+            labels,
+            rng,
+        }
     }
 
     fn step(&mut self) {
-        let fwd = self.net.forward(&self.x, Mode::Train, &mut self.rng).expect("forward");
+        let fwd = self
+            .net
+            .forward(&self.x, Mode::Train, &mut self.rng)
+            .expect("forward");
         let logits = fwd.output();
         let (n, k) = (logits.shape[0], logits.shape[1]);
         let mut d = Tensor::zeros(&logits.shape);
@@ -46,7 +61,10 @@ impl Trainer {
                 d.data[i * k + j] = (p - (j == self.labels[i]) as u8 as f32) / n as f32;
             }
         }
-        let grads = self.net.backward(&fwd, &[("logits", &d)]).expect("backward");
+        let grads = self
+            .net
+            .backward(&fwd, &[("logits", &d)])
+            .expect("backward");
         drop(fwd);
         let params = self.net.params_mut();
         for (name, g) in grads.iter() {
@@ -59,12 +77,18 @@ impl Trainer {
 }
 
 fn train_step(c: &mut Criterion) {
-    for (name, file, shape) in [("student", "student.onnx", [64, 1, 28, 28]), ("mbv2_tiny", "mbv2_tiny.onnx", [32, 3, 32, 32])] {
+    for (name, file, shape) in [
+        ("student", "student.onnx", [64, 1, 28, 28]),
+        ("mbv2_tiny", "mbv2_tiny.onnx", [32, 3, 32, 32]),
+    ] {
         let mut group = c.benchmark_group(name);
         group.throughput(Throughput::Elements(shape[0] as u64));
         group.sample_size(30);
         for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
             let mut t = Trainer::new(file, shape);
             // The step runs inside the pool, so kernels and GEMM see `threads` threads.
             pool.install(|| {
@@ -72,7 +96,9 @@ fn train_step(c: &mut Criterion) {
                     t.step();
                 }
             });
-            group.bench_function(format!("{threads}_threads"), |b| b.iter(|| pool.install(|| t.step())));
+            group.bench_function(format!("{threads}_threads"), |b| {
+                b.iter(|| pool.install(|| t.step()))
+            });
         }
         group.finish();
     }

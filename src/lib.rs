@@ -13,6 +13,7 @@ pub mod gate;
 pub mod hint;
 pub mod onnx;
 pub mod printer;
+pub mod quant;
 pub mod recipe;
 pub mod runtime;
 pub mod util;

@@ -2,5 +2,10 @@
 
 mod util;
 
+mod bench;
 mod distill;
+mod durability;
 mod gate;
+mod hostile;
+mod quantize;
+mod recipes;

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::report::{Accuracy, Agreement, BenchReport, Latency, ModelReport, Ratios, Settings, SCHEMA};
+use super::report::{
+    Accuracy, Agreement, BenchReport, Latency, ModelReport, Ratios, Settings, SCHEMA,
+};
 use crate::data::{Dataset, Preprocess};
 use crate::onnx::Model;
 use crate::runtime::{self, BackendKind, Device, RuntimeOptions, Session, Target};
@@ -21,10 +23,16 @@ impl ModelSpec {
     /// Parses `PATH` or `NAME=PATH`.
     pub fn parse(s: &str) -> ModelSpec {
         match s.split_once('=') {
-            Some((n, p)) if !n.is_empty() && !p.is_empty() => ModelSpec { name: n.into(), path: p.into() },
+            Some((n, p)) if !n.is_empty() && !p.is_empty() => ModelSpec {
+                name: n.into(),
+                path: p.into(),
+            },
             _ => {
                 let path = PathBuf::from(s);
-                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| s.to_string());
+                let name = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| s.to_string());
                 ModelSpec { name, path }
             }
         }
@@ -68,21 +76,59 @@ struct Loaded {
 
 fn load(spec: &ModelSpec) -> Result<Loaded> {
     let model = Model::load(&spec.path)?;
-    let sample = sample_shape(&model).with_context(|| format!("cannot bench {}", spec.path.display()))?;
+    let sample =
+        sample_shape(&model).with_context(|| format!("cannot bench {}", spec.path.display()))?;
     let size_bytes = std::fs::metadata(&spec.path)?.len();
-    let weight_bytes = model.graph.initializers.values().map(|t| t.byte_size() as u64).sum();
-    let params = model.graph.initializers.values().map(|t| t.numel() as u64).sum();
+    let weight_bytes = model
+        .graph
+        .initializers
+        .values()
+        .map(|t| t.byte_size() as u64)
+        .sum();
+    let params = model
+        .graph
+        .initializers
+        .values()
+        .map(|t| t.numel() as u64)
+        .sum();
     let bytes = prost::Message::encode_to_vec(&model.to_proto());
-    Ok(Loaded { spec: spec.clone(), bytes, sample, size_bytes, weight_bytes, params })
+    Ok(Loaded {
+        spec: spec.clone(),
+        bytes,
+        sample,
+        size_bytes,
+        weight_bytes,
+        params,
+    })
 }
 
 /// `[c, h, w]` of a model's single image input.
 pub fn sample_shape(model: &Model) -> Result<[usize; 3]> {
     let g = &model.graph;
-    ensure!(g.inputs.len() == 1, "the model has {} inputs; shrink works on models with one image input", g.inputs.len());
+    ensure!(
+        g.inputs.len() == 1,
+        "the model has {} inputs; shrink works on models with one image input",
+        g.inputs.len()
+    );
     let s = g.inputs[0].concrete_shape(1)?;
-    ensure!(s.len() == 4, "input `{}` has shape {s:?}; shrink expects an NCHW image input", g.inputs[0].name);
+    ensure!(
+        s.len() == 4,
+        "input `{}` has shape {s:?}; shrink expects an NCHW image input",
+        g.inputs[0].name
+    );
+    input_len(&[1, s[1], s[2], s[3]])
+        .with_context(|| format!("input `{}` of shape {s:?}", g.inputs[0].name))?;
     Ok([s[1], s[2], s[3]])
+}
+
+/// Elements of an input batch of `shape`, refused before allocating when the model declares
+/// more than fits in memory.
+fn input_len(shape: &[usize; 4]) -> Result<usize> {
+    let bytes = crate::util::byte_size(shape.iter().map(|&d| d as u64), 4);
+    crate::util::ensure_fits_in_memory(bytes, || {
+        format!("an input batch of shape {shape:?} (float32)")
+    })?;
+    Ok(shape.iter().product())
 }
 
 fn effective_runtime(opts: &BenchOptions) -> Result<RuntimeOptions> {
@@ -106,19 +152,30 @@ fn time_ms(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 
 /// A deterministic input batch in [0, 1) for latency runs (values don't change timings).
 fn synthetic_input(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32) / (1u64 << 24) as f32
         })
         .collect()
 }
 
-pub fn run(models: &[ModelSpec], opts: &BenchOptions, progress: &dyn Progress) -> Result<BenchReport> {
+pub fn run(
+    models: &[ModelSpec],
+    opts: &BenchOptions,
+    progress: &dyn Progress,
+) -> Result<BenchReport> {
     ensure!(!models.is_empty(), "give at least one model to bench");
     ensure!(opts.batch_size > 0, "--batch-size must be at least 1");
-    ensure!(opts.iterations > 0 || opts.duration.is_some(), "--iterations must be at least 1");
+    ensure!(
+        opts.iterations > 0 || opts.duration.is_some(),
+        "--iterations must be at least 1"
+    );
     let rt = effective_runtime(opts)?;
     let loaded: Vec<Loaded> = models.iter().map(load).collect::<Result<_>>()?;
     let mut sessions: Vec<Box<dyn Session>> = Vec::new();
@@ -127,13 +184,16 @@ pub fn run(models: &[ModelSpec], opts: &BenchOptions, progress: &dyn Progress) -
     let mut inputs = Vec::new();
     for (i, m) in loaded.iter().enumerate() {
         let shape = [opts.batch_size, m.sample[0], m.sample[1], m.sample[2]];
+        let len = input_len(&shape)?;
         let mut session = None;
         let t = time_ms(|| {
-            session = Some(runtime::open(&m.bytes, &shape, &rt).with_context(|| format!("cannot open {} on {}", m.spec.path.display(), rt.backend))?);
+            session = Some(runtime::open(&m.bytes, &shape, &rt).with_context(|| {
+                format!("cannot open {} on {}", m.spec.path.display(), rt.backend)
+            })?);
             Ok(())
         })?;
         let mut s = session.expect("set above");
-        let x = synthetic_input(shape.iter().product(), opts.seed + i as u64);
+        let x = synthetic_input(len, opts.seed + i as u64);
         cold_ms.push(time_ms(|| s.run(&x).map(|_| ()))?);
         create_ms.push(t);
         sessions.push(s);
@@ -189,7 +249,11 @@ pub fn run(models: &[ModelSpec], opts: &BenchOptions, progress: &dyn Progress) -
             Some(r) => Some(agreement(m, r, opts, &rt)?),
             None => None,
         };
-        let peak_rss_bytes = if opts.measure_rss { Some(peak_rss_in_child(&m.spec.path, opts, &rt)?) } else { None };
+        let peak_rss_bytes = if opts.measure_rss {
+            Some(peak_rss_in_child(&m.spec.path, opts, &rt)?)
+        } else {
+            None
+        };
         reports.push(ModelReport {
             name: m.spec.name.clone(),
             path: m.spec.path.display().to_string(),
@@ -204,20 +268,39 @@ pub fn run(models: &[ModelSpec], opts: &BenchOptions, progress: &dyn Progress) -
             latency_ms: latency,
             accuracy,
             agreement,
-            ratios: Ratios { latency_p50: 1.0, size: 1.0 },
+            ratios: Ratios {
+                latency_p50: 1.0,
+                size: 1.0,
+            },
         });
     }
     let (p0, s0) = (reports[0].latency_ms.p50, reports[0].size_bytes as f64);
     for r in &mut reports {
-        r.ratios = Ratios { latency_p50: r.latency_ms.p50 / p0, size: r.size_bytes as f64 / s0 };
+        r.ratios = Ratios {
+            latency_p50: r.latency_ms.p50 / p0,
+            size: r.size_bytes as f64 / s0,
+        };
     }
-    ensure!(providers.iter().all(|p| *p == providers[0]), "models ran on different providers: {providers:?}");
+    ensure!(
+        providers.iter().all(|p| *p == providers[0]),
+        "models ran on different providers: {providers:?}"
+    );
     let mut versions = std::collections::BTreeMap::new();
-    versions.insert(if info.backend == "ort" { "onnxruntime".to_string() } else { "tract".to_string() }, info.version.clone());
+    versions.insert(
+        if info.backend == "ort" {
+            "onnxruntime".to_string()
+        } else {
+            "tract".to_string()
+        },
+        info.version.clone(),
+    );
     Ok(BenchReport {
         schema: SCHEMA.into(),
         shrink_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         settings: Settings {
             backend: info.backend.clone(),
             device: rt.device.to_string(),
@@ -237,6 +320,41 @@ pub fn run(models: &[ModelSpec], opts: &BenchOptions, progress: &dyn Progress) -
     })
 }
 
+/// Top-1/top-5 of a model given as ONNX bytes, on labelled `data`.
+pub fn accuracy_of(
+    bytes: &[u8],
+    sample: [usize; 3],
+    data: &Path,
+    preprocess: &Preprocess,
+    rt: &RuntimeOptions,
+) -> Result<Accuracy> {
+    let m = Loaded {
+        spec: ModelSpec {
+            name: String::new(),
+            path: PathBuf::new(),
+        },
+        bytes: bytes.to_vec(),
+        sample,
+        size_bytes: 0,
+        weight_bytes: 0,
+        params: 0,
+    };
+    let opts = BenchOptions {
+        runtime: rt.clone(),
+        target: Target::Host,
+        batch_size: EVAL_BATCH,
+        warmup: 0,
+        iterations: 1,
+        duration: None,
+        data: Some(data.to_path_buf()),
+        preprocess: preprocess.clone(),
+        reference: None,
+        measure_rss: false,
+        seed: 0,
+    };
+    accuracy(&m, data, &opts, rt, &())
+}
+
 /// Batch size for accuracy passes: big enough to be quick, independent of the latency batch.
 const EVAL_BATCH: usize = 32;
 
@@ -249,24 +367,33 @@ fn for_each_output(
     mut f: impl FnMut(&[f32], usize, Option<&[i64]>) -> Result<()>,
 ) -> Result<u64> {
     let ds = Dataset::open(data, &opts.preprocess, m.sample)?;
-    let per: usize = m.sample.iter().product();
     let shape = [EVAL_BATCH, m.sample[0], m.sample[1], m.sample[2]];
+    let len = input_len(&shape)?;
     let mut s = runtime::open(&m.bytes, &shape, rt)?;
     let mut n = 0u64;
     for b in ds.batches(EVAL_BATCH)? {
         let b = b?;
         let mut x = b.x;
-        x.resize(EVAL_BATCH * per, 0.0);
+        x.resize(len, 0.0);
         let out = s.run(&x)?;
         let logits = &out.first().context("the model has no outputs")?.data;
-        ensure!(logits.len() % EVAL_BATCH == 0, "the model's first output does not have the batch as its first axis");
+        ensure!(
+            logits.len() % EVAL_BATCH == 0,
+            "the model's first output does not have the batch as its first axis"
+        );
         f(logits, b.shape[0], b.y.as_deref())?;
         n += b.shape[0] as u64;
     }
     Ok(n)
 }
 
-fn accuracy(m: &Loaded, data: &Path, opts: &BenchOptions, rt: &RuntimeOptions, progress: &dyn Progress) -> Result<Accuracy> {
+fn accuracy(
+    m: &Loaded,
+    data: &Path,
+    opts: &BenchOptions,
+    rt: &RuntimeOptions,
+    progress: &dyn Progress,
+) -> Result<Accuracy> {
     let (mut top1, mut top5) = (0u64, 0u64);
     progress.phase(&format!("accuracy {}", m.spec.name), 0);
     let n = for_each_output(m, data, opts, rt, |logits, n, y| {
@@ -274,8 +401,15 @@ fn accuracy(m: &Loaded, data: &Path, opts: &BenchOptions, rt: &RuntimeOptions, p
         let classes = logits.len() / EVAL_BATCH;
         for i in 0..n {
             let row = &logits[i * classes..(i + 1) * classes];
-            let rank = row.iter().filter(|&&v| v > row[y[i] as usize % classes.max(1)]).count();
-            ensure!((y[i] as usize) < classes, "label {} is out of range for a model with {classes} outputs", y[i]);
+            let rank = row
+                .iter()
+                .filter(|&&v| v > row[y[i] as usize % classes.max(1)])
+                .count();
+            ensure!(
+                (y[i] as usize) < classes,
+                "label {} is out of range for a model with {classes} outputs",
+                y[i]
+            );
             top1 += (rank == 0) as u64;
             top5 += (rank < 5) as u64;
         }
@@ -283,11 +417,25 @@ fn accuracy(m: &Loaded, data: &Path, opts: &BenchOptions, rt: &RuntimeOptions, p
         Ok(())
     })?;
     progress.finish();
-    Ok(Accuracy { data: data.display().to_string(), samples: n, top1: top1 as f64 / n as f64, top5: top5 as f64 / n as f64 })
+    Ok(Accuracy {
+        data: data.display().to_string(),
+        samples: n,
+        top1: top1 as f64 / n as f64,
+        top5: top5 as f64 / n as f64,
+    })
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
 }
 
 /// Signal-to-quantization-noise ratio in dB of `approx` against `reference`.
@@ -304,8 +452,19 @@ pub fn sqnr_db(reference: &[f32], approx: &[f32]) -> f64 {
     }
 }
 
-fn agreement(m: &Loaded, r: &Loaded, opts: &BenchOptions, rt: &RuntimeOptions) -> Result<Agreement> {
-    ensure!(m.sample == r.sample, "the reference model takes {:?} but {} takes {:?}", r.sample, m.spec.name, m.sample);
+fn agreement(
+    m: &Loaded,
+    r: &Loaded,
+    opts: &BenchOptions,
+    rt: &RuntimeOptions,
+) -> Result<Agreement> {
+    ensure!(
+        m.sample == r.sample,
+        "the reference model takes {:?} but {} takes {:?}",
+        r.sample,
+        m.spec.name,
+        m.sample
+    );
     let collect = |l: &Loaded| -> Result<Vec<f32>> {
         let mut all = Vec::new();
         match &opts.data {
@@ -317,8 +476,9 @@ fn agreement(m: &Loaded, r: &Loaded, opts: &BenchOptions, rt: &RuntimeOptions) -
             }
             None => {
                 let shape = [EVAL_BATCH, l.sample[0], l.sample[1], l.sample[2]];
+                let len = input_len(&shape)?;
                 let mut s = runtime::open(&l.bytes, &shape, rt)?;
-                let x = synthetic_input(shape.iter().product(), opts.seed);
+                let x = synthetic_input(len, opts.seed);
                 all = s.run(&x)?.into_iter().next().context("no outputs")?.data;
             }
         }
@@ -326,26 +486,43 @@ fn agreement(m: &Loaded, r: &Loaded, opts: &BenchOptions, rt: &RuntimeOptions) -
     };
     let a = collect(m)?;
     let b = collect(r)?;
-    ensure!(a.len() == b.len() && !a.is_empty(), "{} and the reference give outputs of different sizes", m.spec.name);
+    ensure!(
+        a.len() == b.len() && !a.is_empty(),
+        "{} and the reference give outputs of different sizes",
+        m.spec.name
+    );
     let samples = match &opts.data {
         Some(_) => a.len() / (a.len() / b.len().max(1)).max(1),
         None => EVAL_BATCH,
     };
     let classes = a.len() / samples.max(1);
-    let agree = a.chunks(classes).zip(b.chunks(classes)).filter(|(x, y)| argmax(x) == argmax(y)).count();
+    let agree = a
+        .chunks(classes)
+        .zip(b.chunks(classes))
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
     Ok(Agreement {
         reference: r.spec.path.display().to_string(),
         samples: (a.len() / classes) as u64,
         top1_agreement: agree as f64 / (a.len() / classes) as f64,
-        max_abs_diff: a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max),
-        sqnr_db: sqnr_db(&b, &a),
+        max_abs_diff: a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .fold(0.0, f64::max),
+        sqnr_db: Some(sqnr_db(&b, &a)).filter(|v| v.is_finite()),
     })
 }
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
@@ -377,9 +554,14 @@ fn peak_rss_in_child(model: &Path, opts: &BenchOptions, rt: &RuntimeOptions) -> 
     if let Some(l) = &rt.ort_lib {
         cmd.arg("--ort-lib").arg(l);
     }
-    let out = cmd.output().context("cannot start the memory probe process")?;
+    let out = cmd
+        .output()
+        .context("cannot start the memory probe process")?;
     if !out.status.success() {
-        bail!("the memory probe failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "the memory probe failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -388,11 +570,20 @@ fn peak_rss_in_child(model: &Path, opts: &BenchOptions, rt: &RuntimeOptions) -> 
 }
 
 /// The child side of [`peak_rss_in_child`]: load, run, print VmHWM.
-pub fn rss_probe(model: &Path, rt: &RuntimeOptions, batch: usize, iterations: usize) -> Result<u64> {
-    let m = load(&ModelSpec { name: String::new(), path: model.to_path_buf() })?;
+pub fn rss_probe(
+    model: &Path,
+    rt: &RuntimeOptions,
+    batch: usize,
+    iterations: usize,
+) -> Result<u64> {
+    let m = load(&ModelSpec {
+        name: String::new(),
+        path: model.to_path_buf(),
+    })?;
     let shape = [batch, m.sample[0], m.sample[1], m.sample[2]];
+    let len = input_len(&shape)?;
     let mut s = runtime::open(&m.bytes, &shape, rt)?;
-    let x = synthetic_input(shape.iter().product(), 0);
+    let x = synthetic_input(len, 0);
     for _ in 0..iterations.max(1) {
         s.run(&x)?;
     }

@@ -15,7 +15,8 @@ fn kib(b: u64) -> String {
 }
 
 fn pct(v: Option<f64>) -> String {
-    v.map(|v| format!("{:.2}%", v * 100.0)).unwrap_or_else(|| "–".into())
+    v.map(|v| format!("{:.2}%", v * 100.0))
+        .unwrap_or_else(|| "–".into())
 }
 
 fn settings_line(r: &BenchReport) -> String {
@@ -72,7 +73,10 @@ pub fn warnings(r: &BenchReport) -> Vec<String> {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// An SVG histogram of one model's latency samples.
@@ -82,7 +86,10 @@ fn histogram_svg(m: &ModelReport) -> String {
     if s.is_empty() {
         return String::new();
     }
-    let (lo, hi) = (m.latency_ms.min, m.latency_ms.max.max(m.latency_ms.min + 1e-9));
+    let (lo, hi) = (
+        m.latency_ms.min,
+        m.latency_ms.max.max(m.latency_ms.min + 1e-9),
+    );
     let mut counts = vec![0usize; bins];
     for &v in s {
         let i = (((v - lo) / (hi - lo)) * bins as f64) as usize;
@@ -104,7 +111,11 @@ fn histogram_svg(m: &ModelReport) -> String {
     }
     let x_of = |v: f64| (v - lo) / (hi - lo) * w;
     let mut marks = String::new();
-    for (label, v) in [("p50", m.latency_ms.p50), ("p95", m.latency_ms.p95), ("p99", m.latency_ms.p99)] {
+    for (label, v) in [
+        ("p50", m.latency_ms.p50),
+        ("p95", m.latency_ms.p95),
+        ("p99", m.latency_ms.p99),
+    ] {
         marks.push_str(&format!(
             "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"0\" y2=\"{y}\" stroke=\"#c0392b\" stroke-dasharray=\"3,2\"/><text x=\"{x:.1}\" y=\"10\" font-size=\"10\">{label}</text>",
             x = x_of(v),
@@ -141,7 +152,10 @@ pub fn html(r: &BenchReport) -> String {
     for m in &r.models {
         charts.push_str(&format!("<h3>{}</h3>{}", escape(&m.name), histogram_svg(m)));
     }
-    let warn: String = warnings(r).iter().map(|w| format!("<p class=\"warn\">{}</p>", escape(w))).collect();
+    let warn: String = warnings(r)
+        .iter()
+        .map(|w| format!("<p class=\"warn\">{}</p>", escape(w)))
+        .collect();
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>shrink bench</title><style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}.warn{{color:#a04000}}</style></head><body><h1>shrink bench</h1><p>{}</p>{}<table><tr><th>model</th><th>size</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>throughput/s</th><th>top-1</th><th>peak RSS</th><th>p50 ratio</th><th>size ratio</th></tr>{}</table><h2>Latency distribution</h2>{}</body></html>\n",
         escape(&settings_line(r)),

@@ -102,7 +102,8 @@ pub struct Agreement {
     pub samples: u64,
     pub top1_agreement: f64,
     pub max_abs_diff: f64,
-    pub sqnr_db: f64,
+    /// None when the outputs are identical (infinite SQNR, which JSON cannot hold).
+    pub sqnr_db: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -197,7 +198,10 @@ impl BenchReport {
         match name {
             Some(n) => self.models.iter().find(|m| m.name == n).with_context(|| {
                 let names: Vec<_> = self.models.iter().map(|m| m.name.as_str()).collect();
-                format!("no model named `{n}` in the report; it has: {}", names.join(", "))
+                format!(
+                    "no model named `{n}` in the report; it has: {}",
+                    names.join(", ")
+                )
             }),
             None => self.models.last().context("the report has no models"),
         }

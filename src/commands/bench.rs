@@ -81,7 +81,12 @@ impl BenchArgs {
             None => None,
         };
         Ok(BenchOptions {
-            runtime: RuntimeOptions { backend: self.backend, device: self.device, threads, ort_lib: self.ort_lib.clone() },
+            runtime: RuntimeOptions {
+                backend: self.backend,
+                device: self.device,
+                threads,
+                ort_lib: self.ort_lib.clone(),
+            },
             target: self.target,
             batch_size: self.batch_size,
             warmup: self.warmup,
@@ -100,7 +105,9 @@ impl BenchArgs {
 pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
     let opts = args.options()?;
     if opts.target == Target::Mobile {
-        crate::printer::info("target mobile: tract, 1 thread (x86 kernels here; phones run tract's ARM kernels)");
+        crate::printer::info(
+            "target mobile: tract, 1 thread (x86 kernels here; phones run tract's ARM kernels)",
+        );
     }
     let models: Vec<ModelSpec> = args.models.iter().map(|m| ModelSpec::parse(m)).collect();
     let progress = BarReporter::default();
@@ -109,7 +116,8 @@ pub fn run_bench(args: &BenchArgs) -> Result<BenchReport> {
         crate::printer::warn(w);
     }
     if let Some(p) = &args.json {
-        crate::util::write_atomic(p, report.to_json().as_bytes()).with_context(|| format!("cannot write {}", p.display()))?;
+        crate::util::write_atomic(p, report.to_json().as_bytes())
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     if let Some(p) = &args.markdown {
         crate::util::write_atomic(p, render::markdown(&report).as_bytes())?;
@@ -145,8 +153,51 @@ pub struct RssProbeArgs {
 }
 
 pub fn rss_probe(args: &RssProbeArgs) -> Result<ExitStatus> {
-    let rt = RuntimeOptions { backend: args.backend, device: args.device, threads: args.threads, ort_lib: args.ort_lib.clone() };
+    let rt = RuntimeOptions {
+        backend: args.backend,
+        device: args.device,
+        threads: args.threads,
+        ort_lib: args.ort_lib.clone(),
+    };
     let rss = measure::rss_probe(&args.model, &rt, args.batch_size, args.iterations)?;
     println!("{rss}");
+    Ok(ExitStatus::Success)
+}
+
+/// Arguments of the hidden `__predict` command: raw outputs of a model on a dataset, for
+/// checking one build of shrink against another (e.g. aarch64 under emulation against x86).
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    pub model: PathBuf,
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value_t = BackendKind::Tract)]
+    pub backend: BackendKind,
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Write the outputs (JSON: shape and values of the first output) here.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn predict(args: &PredictArgs) -> Result<ExitStatus> {
+    let model = crate::onnx::Model::load(&args.model)?;
+    let sample = crate::bench::measure::sample_shape(&model)?;
+    let bytes = prost::Message::encode_to_vec(&model.to_proto());
+    let ds = crate::data::Dataset::open(&args.data, &Preprocess::default(), sample)?;
+    let all = ds.load_all()?;
+    let rt = RuntimeOptions {
+        backend: args.backend,
+        threads: args.threads,
+        ..Default::default()
+    };
+    let mut s = crate::runtime::open(&bytes, &all.shape, &rt)?;
+    let out = s
+        .run(&all.x)?
+        .into_iter()
+        .next()
+        .context("the model has no outputs")?;
+    let json = serde_json::json!({ "model": args.model.display().to_string(), "shape": out.shape, "values": out.data });
+    crate::util::write_atomic(&args.out, json.to_string().as_bytes())?;
     Ok(ExitStatus::Success)
 }

@@ -56,6 +56,12 @@ pub fn gate(args: &GateArgs) -> Result<ExitStatus> {
         Some(path) => Budgets::load(path)?,
         None => Budgets::default(),
     };
+    gate_with_budgets(args, &budgets)
+}
+
+/// [`gate`] with budgets already loaded (a recipe's `gate` stage holds them inline).
+pub fn gate_with_budgets(args: &GateArgs, budgets: &Budgets) -> Result<ExitStatus> {
+    let budgets = budgets.clone();
     let current = BenchReport::load(&args.report)?;
     let baseline = match &args.baseline {
         Some(path) => {

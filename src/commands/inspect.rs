@@ -47,21 +47,42 @@ fn check_backends(model: &Model, ort_lib: Option<PathBuf>) -> Vec<BackendCheck> 
     let shape = match sample_shape(model) {
         Ok([c, h, w]) => vec![1, c, h, w],
         Err(e) => {
-            return vec![BackendCheck { backend: "all".into(), runs: false, detail: format!("{e:#}") }];
+            return vec![BackendCheck {
+                backend: "all".into(),
+                runs: false,
+                detail: format!("{e:#}"),
+            }];
         }
     };
     [BackendKind::Tract, BackendKind::Ort]
         .into_iter()
         .map(|backend| {
-            let opts = RuntimeOptions { backend, threads: 1, ort_lib: ort_lib.clone(), ..Default::default() };
+            let opts = RuntimeOptions {
+                backend,
+                threads: 1,
+                ort_lib: ort_lib.clone(),
+                ..Default::default()
+            };
             let r = runtime::open(&bytes, &shape, &opts).and_then(|mut s| {
                 let x = vec![0.5f32; shape.iter().product()];
                 s.run(&x)?;
                 Ok(s.info().clone())
             });
             match r {
-                Ok(info) => BackendCheck { backend: backend.to_string(), runs: true, detail: format!("{} {}", info.provider, info.version) },
-                Err(e) => BackendCheck { backend: backend.to_string(), runs: false, detail: format!("{e:#}").lines().next().unwrap_or_default().to_string() },
+                Ok(info) => BackendCheck {
+                    backend: backend.to_string(),
+                    runs: true,
+                    detail: format!("{} {}", info.provider, info.version),
+                },
+                Err(e) => BackendCheck {
+                    backend: backend.to_string(),
+                    runs: false,
+                    detail: format!("{e:#}")
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                },
             }
         })
         .collect()
@@ -78,32 +99,66 @@ fn human(n: u64) -> String {
 
 pub fn inspect(args: &InspectArgs) -> Result<ExitStatus> {
     let model = Model::load(&args.model)?;
-    let summary = summarize(&model).with_context(|| format!("cannot analyse {}", args.model.display()))?;
+    let summary =
+        summarize(&model).with_context(|| format!("cannot analyse {}", args.model.display()))?;
     let size_bytes = std::fs::metadata(&args.model)?.len();
     let backends = check_backends(&model, args.ort_lib.clone());
-    let ins = Inspection { path: args.model.display().to_string(), size_bytes, summary, backends };
+    let ins = Inspection {
+        path: args.model.display().to_string(),
+        size_bytes,
+        summary,
+        backends,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&ins)?);
         return Ok(ExitStatus::Success);
     }
     let s = &ins.summary;
     let mut out = String::new();
-    out.push_str(&format!("{}  ({} bytes, IR v{}, opset {}, {})\n", ins.path, size_bytes, s.ir_version, s.opset, if s.producer.is_empty() { "unknown producer" } else { &s.producer }));
+    out.push_str(&format!(
+        "{}  ({} bytes, IR v{}, opset {}, {})\n",
+        ins.path,
+        size_bytes,
+        s.ir_version,
+        s.opset,
+        if s.producer.is_empty() {
+            "unknown producer"
+        } else {
+            &s.producer
+        }
+    ));
     out.push_str("inputs:\n");
     for i in &s.inputs {
-        out.push_str(&format!("  {:<16} {:<8} [{}]\n", i.name, i.dtype, i.shape.join(", ")));
+        out.push_str(&format!(
+            "  {:<16} {:<8} [{}]\n",
+            i.name,
+            i.dtype,
+            i.shape.join(", ")
+        ));
     }
     out.push_str("outputs:\n");
     for o in &s.outputs {
-        out.push_str(&format!("  {:<16} {:<8} [{}]\n", o.name, o.dtype, o.shape.join(", ")));
+        out.push_str(&format!(
+            "  {:<16} {:<8} [{}]\n",
+            o.name,
+            o.dtype,
+            o.shape.join(", ")
+        ));
     }
     out.push_str(&format!("nodes: {}\n", s.nodes));
     for (op, n) in &s.op_histogram {
         out.push_str(&format!("  {op:<22} {n}\n"));
     }
-    out.push_str(&format!("parameters: {} ({} bytes)\n", human(s.params), s.weight_bytes));
+    out.push_str(&format!(
+        "parameters: {} ({} bytes)\n",
+        human(s.params),
+        s.weight_bytes
+    ));
     for (dt, p) in &s.params_by_dtype {
-        out.push_str(&format!("  {dt:<10} {:>12} values {:>12} bytes\n", p.count, p.bytes));
+        out.push_str(&format!(
+            "  {dt:<10} {:>12} values {:>12} bytes\n",
+            p.count, p.bytes
+        ));
     }
     out.push_str(&format!("MACs per sample: {}\n", human(s.macs)));
     let mut layers: Vec<_> = s.layers.iter().collect();
@@ -112,14 +167,29 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitStatus> {
         layers.truncate(10);
     }
     for l in layers {
-        out.push_str(&format!("  {:<28} {:<14} {:>10}  {:?}\n", l.node, l.op, human(l.macs), l.output_shape));
+        out.push_str(&format!(
+            "  {:<28} {:<14} {:>10}  {:?}\n",
+            l.node,
+            l.op,
+            human(l.macs),
+            l.output_shape
+        ));
     }
     out.push_str(&format!("quantizable nodes: {}", s.quantizable_nodes));
-    let q: Vec<String> = s.quantizable_ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let q: Vec<String> = s
+        .quantizable_ops
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
     out.push_str(&format!(" ({})\n", q.join(", ")));
     out.push_str("backends:\n");
     for b in &ins.backends {
-        out.push_str(&format!("  {:<6} {}  {}\n", b.backend, if b.runs { "runs" } else { "fails" }, b.detail));
+        out.push_str(&format!(
+            "  {:<6} {}  {}\n",
+            b.backend,
+            if b.runs { "runs" } else { "fails" },
+            b.detail
+        ));
     }
     print!("{out}");
     Ok(ExitStatus::Success)

@@ -4,6 +4,8 @@ pub mod bench;
 pub mod distill;
 pub mod gate;
 pub mod inspect;
+pub mod pipeline;
+pub mod quantize;
 pub mod reporters;
 pub mod run;
 

@@ -13,7 +13,10 @@ pub struct BarReporter {
 
 impl Default for BarReporter {
     fn default() -> Self {
-        BarReporter { bar: Mutex::new(None), enabled: !crate::printer::quiet() && std::io::stderr().is_terminal() }
+        BarReporter {
+            bar: Mutex::new(None),
+            enabled: !crate::printer::quiet() && std::io::stderr().is_terminal(),
+        }
     }
 }
 
@@ -22,7 +25,11 @@ impl BarReporter {
         if !self.enabled {
             return;
         }
-        let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+        let bar = if total > 0 {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::new_spinner()
+        };
         let style = if total > 0 {
             ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg} ({per_sec})")
         } else {
@@ -84,7 +91,10 @@ impl crate::distill::train::Progress for BarReporter {
         BarReporter::advance(self, samples)
     }
     fn status(&self, loss: f64, acc: f64, samples_per_s: f64) {
-        self.message(format!("loss {loss:.4}  acc {:.1}%  {samples_per_s:.0} samples/s", acc * 100.0))
+        self.message(format!(
+            "loss {loss:.4}  acc {:.1}%  {samples_per_s:.0} samples/s",
+            acc * 100.0
+        ))
     }
     fn finish(&self) {
         self.done()

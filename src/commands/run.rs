@@ -43,6 +43,7 @@ fn run_to(args: &RunArgs, exec: &mut dyn StageExecutor, out: &mut dyn Write) -> 
         only: args.only.clone(),
         from: args.from.clone(),
     })?;
+    exec.check(&recipe, &plan)?;
     if args.dry_run {
         out.write_all(plan.render(&recipe).as_bytes())?;
         out.flush()?;

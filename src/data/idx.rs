@@ -48,16 +48,42 @@ pub fn detect(dir: &Path) -> Result<Option<IdxInfo>> {
 
 impl IdxInfo {
     pub fn from_images_file(images: &Path) -> Result<IdxInfo> {
-        let mut f = BufReader::new(File::open(images).with_context(|| format!("cannot open {}", images.display()))?);
-        ensure!(read_u32(&mut f)? == IMAGES_MAGIC, "{} is not an IDX image file", images.display());
+        let mut f = BufReader::new(
+            File::open(images).with_context(|| format!("cannot open {}", images.display()))?,
+        );
+        ensure!(
+            read_u32(&mut f)? == IMAGES_MAGIC,
+            "{} is not an IDX image file",
+            images.display()
+        );
         let n = read_u32(&mut f)? as usize;
         let h = read_u32(&mut f)? as usize;
         let w = read_u32(&mut f)? as usize;
+        ensure!(
+            h > 0 && w > 0,
+            "{} declares images of {h}x{w} pixels",
+            images.display()
+        );
         let size = std::fs::metadata(images)?.len();
-        let need = 16u64 + (n as u64).saturating_mul(h as u64).saturating_mul(w as u64);
-        ensure!(size >= need, "{} declares {n} images of {h}x{w} ({need} bytes) but has {size} bytes", images.display());
-        let labels = find_labels(images)?.map(|p| read_labels(&p, n)).transpose()?;
-        Ok(IdxInfo { images: images.to_path_buf(), len: n, h, w, labels })
+        let need = (n as u64)
+            .saturating_mul(h as u64)
+            .saturating_mul(w as u64)
+            .saturating_add(16);
+        ensure!(
+            size >= need,
+            "{} declares {n} images of {h}x{w} ({need} bytes) but has {size} bytes",
+            images.display()
+        );
+        let labels = find_labels(images)?
+            .map(|p| read_labels(&p, n))
+            .transpose()?;
+        Ok(IdxInfo {
+            images: images.to_path_buf(),
+            len: n,
+            h,
+            w,
+            labels,
+        })
     }
 
     pub fn check_sample(&self, want: [usize; 3], path: &Path) -> Result<()> {
@@ -75,13 +101,20 @@ impl IdxInfo {
         let mut f = BufReader::with_capacity(1 << 16, File::open(&self.images)?);
         let mut skip = [0u8; 16];
         f.read_exact(&mut skip)?;
-        Ok(IdxReader { info: self.clone(), r: f, pos: 0 })
+        Ok(IdxReader {
+            info: self.clone(),
+            r: f,
+            pos: 0,
+        })
     }
 }
 
 fn find_labels(images: &Path) -> Result<Option<PathBuf>> {
     let dir = images.parent().unwrap_or(Path::new("."));
-    let name = images.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = images
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let guess = dir.join(name.replace("images", "labels").replace("idx3", "idx1"));
     if guess != images && guess.is_file() {
         return Ok(Some(guess));
@@ -100,11 +133,28 @@ fn find_labels(images: &Path) -> Result<Option<PathBuf>> {
 
 fn read_labels(path: &Path, n: usize) -> Result<Vec<i64>> {
     let mut f = BufReader::new(File::open(path)?);
-    ensure!(read_u32(&mut f)? == LABELS_MAGIC, "{} is not an IDX label file", path.display());
+    ensure!(
+        read_u32(&mut f)? == LABELS_MAGIC,
+        "{} is not an IDX label file",
+        path.display()
+    );
     let m = read_u32(&mut f)? as usize;
-    ensure!(m == n, "{} has {m} labels but the images file has {n} images", path.display());
+    ensure!(
+        m == n,
+        "{} has {m} labels but the images file has {n} images",
+        path.display()
+    );
+    // The count comes from the file: check it against the file's size before allocating.
+    let size = std::fs::metadata(path)?.len();
+    ensure!(
+        size >= 8 + n as u64,
+        "{} declares {n} labels but has {} bytes of them",
+        path.display(),
+        size.saturating_sub(8)
+    );
     let mut b = vec![0u8; n];
-    f.read_exact(&mut b).with_context(|| format!("{} is truncated", path.display()))?;
+    f.read_exact(&mut b)
+        .with_context(|| format!("{} is truncated", path.display()))?;
     Ok(b.into_iter().map(i64::from).collect())
 }
 
@@ -120,8 +170,50 @@ impl IdxReader {
         self.r
             .read_exact(&mut b)
             .with_context(|| format!("{} is truncated", self.info.images.display()))?;
-        let y = self.info.labels.as_ref().map(|l| l[self.pos..self.pos + n].to_vec());
+        let y = self
+            .info
+            .labels
+            .as_ref()
+            .map(|l| l[self.pos..self.pos + n].to_vec());
         self.pos += n;
         Ok((b.into_iter().map(|v| v as f32 / 255.0).collect(), y))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images(n: u32, h: u32, w: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = IMAGES_MAGIC.to_be_bytes().to_vec();
+        for v in [n, h, w] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        b.extend_from_slice(data);
+        b
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/idx.rs`): a count times size that saturates
+    /// at u64::MAX overflowed when the 16 header bytes were added.
+    #[test]
+    fn idx_size_claim_overflow_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("images-idx3-ubyte");
+        std::fs::write(&p, images(u32::MAX, u32::MAX, u32::MAX, &[])).unwrap();
+        let e = format!("{:#}", IdxInfo::from_images_file(&p).unwrap_err());
+        assert!(e.contains("declares 4294967295 images"), "{e}");
+    }
+
+    #[test]
+    fn idx_label_count_beyond_file_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("images-idx3-ubyte");
+        std::fs::write(&p, images(2, 1, 1, &[0, 0])).unwrap();
+        let mut labels = LABELS_MAGIC.to_be_bytes().to_vec();
+        labels.extend_from_slice(&2u32.to_be_bytes());
+        labels.push(1);
+        std::fs::write(dir.path().join("labels-idx1-ubyte"), labels).unwrap();
+        let e = format!("{:#}", IdxInfo::from_images_file(&p).unwrap_err());
+        assert!(e.contains("declares 2 labels but has 1 bytes"), "{e}");
     }
 }

@@ -43,20 +43,35 @@ impl ImageList {
             f.sort();
             files.extend(f.into_iter().map(|p| (p, i as i64)));
         }
-        ensure!(!files.is_empty(), "{} holds no PNG or JPEG images", dir.display());
+        ensure!(
+            !files.is_empty(),
+            "{} holds no PNG or JPEG images",
+            dir.display()
+        );
         let classes = classes
             .iter()
-            .map(|c| c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+            .map(|c| {
+                c.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
             .collect();
         Ok(ImageList { classes, files })
     }
 
-    pub fn read(&self, start: usize, n: usize, sample: [usize; 3], pre: &Preprocess) -> Result<(Vec<f32>, Option<Vec<i64>>)> {
+    pub fn read(
+        &self,
+        start: usize,
+        n: usize,
+        sample: [usize; 3],
+        pre: &Preprocess,
+    ) -> Result<(Vec<f32>, Option<Vec<i64>>)> {
         let [c, h, w] = sample;
         let mut x = Vec::with_capacity(n * c * h * w);
         let mut y = Vec::with_capacity(n);
         for (path, label) in &self.files[start..start + n] {
-            let img = image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?;
+            let img = image::open(path)
+                .with_context(|| format!("cannot decode image {}", path.display()))?;
             let img = resize_and_crop(img, h, w, pre)?;
             match c {
                 1 => {
@@ -69,7 +84,9 @@ impl ImageList {
                         x.extend(rgb.pixels().map(|p| p.0[ch] as f32 / 255.0));
                     }
                 }
-                other => anyhow::bail!("the model takes {other} channels; image folders give 1 (grayscale) or 3 (RGB)"),
+                other => anyhow::bail!(
+                    "the model takes {other} channels; image folders give 1 (grayscale) or 3 (RGB)"
+                ),
             }
             y.push(*label);
         }
@@ -91,7 +108,12 @@ fn parse_crop(s: &str) -> Result<(u32, u32)> {
     }
 }
 
-fn resize_and_crop(img: image::DynamicImage, h: usize, w: usize, pre: &Preprocess) -> Result<image::DynamicImage> {
+fn resize_and_crop(
+    img: image::DynamicImage,
+    h: usize,
+    w: usize,
+    pre: &Preprocess,
+) -> Result<image::DynamicImage> {
     let (ch, cw) = match &pre.crop {
         Some(c) => parse_crop(c)?,
         None => (h as u32, w as u32),
@@ -110,7 +132,11 @@ fn resize_and_crop(img: image::DynamicImage, h: usize, w: usize, pre: &Preproces
                 FilterType::Triangle,
             )
         }
-        None if img.width() < cw || img.height() < ch => img.resize_exact(cw.max(img.width()), ch.max(img.height()), FilterType::Triangle),
+        None if img.width() < cw || img.height() < ch => img.resize_exact(
+            cw.max(img.width()),
+            ch.max(img.height()),
+            FilterType::Triangle,
+        ),
         None => img,
     };
     let x0 = (img.width() - cw) / 2;

@@ -102,6 +102,10 @@ enum Source {
 impl Dataset {
     /// Opens `path` for a model whose input sample shape is `[c, h, w]`.
     pub fn open(path: &Path, pre: &Preprocess, sample: [usize; 3]) -> Result<Dataset> {
+        ensure!(
+            sample.iter().all(|&d| d > 0),
+            "the model's input sample shape {sample:?} (C, H, W) has a zero dimension"
+        );
         let meta = std::fs::metadata(path)
             .with_context(|| format!("cannot open dataset {}", path.display()))
             .hint("--data takes an image folder (one sub-folder per class), an .npz file with arrays `x` and `y`, or a folder with MNIST IDX files")?;
@@ -111,7 +115,10 @@ impl Dataset {
             } else {
                 Source::Images(images::ImageList::scan(path)?)
             }
-        } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz")) {
+        } else if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+        {
             Source::Npz(npy::NpzInfo::open(path)?)
         } else if idx::is_idx_file(path)? {
             Source::Idx(idx::IdxInfo::from_images_file(path)?)
@@ -130,15 +137,35 @@ impl Dataset {
             Source::Images(_) => {}
         }
         if let Some(m) = &pre.mean {
-            ensure!(m.len() == sample[0] || m.len() == 1, "--mean has {} values but the model takes {} channels", m.len(), sample[0]);
+            ensure!(
+                m.len() == sample[0] || m.len() == 1,
+                "--mean has {} values but the model takes {} channels",
+                m.len(),
+                sample[0]
+            );
         }
         if let Some(s) = &pre.std {
-            ensure!(s.len() == sample[0] || s.len() == 1, "--std has {} values but the model takes {} channels", s.len(), sample[0]);
-            ensure!(s.iter().all(|&v| v > 0.0 && v.is_finite()), "--std values must be positive");
+            ensure!(
+                s.len() == sample[0] || s.len() == 1,
+                "--std has {} values but the model takes {} channels",
+                s.len(),
+                sample[0]
+            );
+            ensure!(
+                s.iter().all(|&v| v > 0.0 && v.is_finite()),
+                "--std values must be positive"
+            );
         }
         ensure!(n > 0, "dataset {} holds no samples", path.display());
         let len = pre.limit.map_or(n, |l| l.min(n));
-        Ok(Dataset { path: path.to_path_buf(), format, len, sample, pre: pre.clone(), source })
+        Ok(Dataset {
+            path: path.to_path_buf(),
+            format,
+            len,
+            sample,
+            pre: pre.clone(),
+            source,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -161,13 +188,26 @@ impl Dataset {
             Source::Idx(i) => Reader::Idx(i.reader()?),
             Source::Images(_) => Reader::Images(0),
         };
-        Ok(Batches { ds: self, reader, next: 0, batch })
+        Ok(Batches {
+            ds: self,
+            reader,
+            next: 0,
+            batch,
+        })
     }
 
     /// Reads the whole dataset into memory (for training, which shuffles every epoch).
     pub fn load_all(&self) -> Result<Batch> {
         let mut it = self.batches(self.len.clamp(1, 4096))?;
         let [c, h, w] = self.sample;
+        let bytes = crate::util::byte_size([self.len, c, h, w].map(|d| d as u64), 4);
+        crate::util::ensure_fits_in_memory(bytes, || {
+            format!(
+                "dataset {} ({} samples of {c}x{h}x{w}, as float32)",
+                self.path.display(),
+                self.len
+            )
+        })?;
         let mut x = Vec::with_capacity(self.len * c * h * w);
         let mut y = Vec::with_capacity(self.len);
         let mut labelled = true;
@@ -178,7 +218,11 @@ impl Dataset {
                 None => labelled = false,
             }
         }
-        Ok(Batch { shape: [self.len, c, h, w], x, y: labelled.then_some(y) })
+        Ok(Batch {
+            shape: [self.len, c, h, w],
+            x,
+            y: labelled.then_some(y),
+        })
     }
 
     fn normalise(&self, x: &mut [f32], first_index: usize) -> Result<()> {
@@ -251,7 +295,11 @@ impl Batches<'_> {
         };
         self.ds.normalise(&mut x, self.next)?;
         self.next += n;
-        Ok(Some(Batch { x, shape: [n, c, h, w], y }))
+        Ok(Some(Batch {
+            x,
+            shape: [n, c, h, w],
+            y,
+        }))
     }
 }
 
@@ -259,5 +307,79 @@ impl Iterator for Batches<'_> {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Result<Batch>> {
         self.next_batch().transpose()
+    }
+}
+
+impl Dataset {
+    /// `n` distinct sample indices drawn with `seed` (all of them, in order, when `n >= len`).
+    pub fn sample_indices(&self, n: usize, seed: u64) -> Vec<usize> {
+        use rand::seq::index::sample;
+        use rand::SeedableRng;
+        if n >= self.len {
+            return (0..self.len).collect();
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut v = sample(&mut rng, self.len, n).into_vec();
+        v.sort_unstable();
+        v
+    }
+
+    /// Streams only the samples at `indices` (ascending), in batches of `batch`; memory stays
+    /// one read batch plus one output batch whatever the dataset's size.
+    pub fn for_each_subset_batch(
+        &self,
+        indices: &[usize],
+        batch: usize,
+        mut f: impl FnMut(Batch) -> Result<()>,
+    ) -> Result<()> {
+        ensure!(batch > 0, "batch size must be at least 1");
+        ensure!(
+            indices.windows(2).all(|w| w[0] < w[1]),
+            "subset indices must be ascending"
+        );
+        let [c, h, w] = self.sample;
+        let per = c * h * w;
+        let mut want = indices.iter().copied().peekable();
+        let (mut x, mut y) = (Vec::with_capacity(batch * per), Vec::with_capacity(batch));
+        let mut labelled = true;
+        let mut base = 0usize;
+        let mut it = self.batches(256.min(self.len).max(1))?;
+        while let Some(b) = it.next_batch()? {
+            let n = b.shape[0];
+            while let Some(&i) = want.peek() {
+                if i >= base + n {
+                    break;
+                }
+                let k = i - base;
+                x.extend_from_slice(&b.x[k * per..(k + 1) * per]);
+                match &b.y {
+                    Some(l) => y.push(l[k]),
+                    None => labelled = false,
+                }
+                want.next();
+                if x.len() == batch * per {
+                    let got = x.len() / per;
+                    f(Batch {
+                        x: std::mem::take(&mut x),
+                        shape: [got, c, h, w],
+                        y: labelled.then(|| std::mem::take(&mut y)),
+                    })?;
+                    y.clear();
+                }
+            }
+            base += n;
+            if want.peek().is_none() {
+                break;
+            }
+        }
+        if !x.is_empty() {
+            let got = x.len() / per;
+            f(Batch {
+                x,
+                shape: [got, c, h, w],
+                y: labelled.then_some(y),
+            })?;
+        }
+        Ok(())
     }
 }

@@ -69,8 +69,12 @@ pub struct NpyHeader {
 /// Reads an `.npy` header from the start of `r`.
 pub fn read_header(r: &mut impl Read) -> Result<NpyHeader> {
     let mut magic = [0u8; 8];
-    r.read_exact(&mut magic).context("the array is truncated (no .npy header)")?;
-    ensure!(&magic[..6] == b"\x93NUMPY", "the array is not in .npy format (bad magic)");
+    r.read_exact(&mut magic)
+        .context("the array is truncated (no .npy header)")?;
+    ensure!(
+        &magic[..6] == b"\x93NUMPY",
+        "the array is not in .npy format (bad magic)"
+    );
     let (len, pre) = match magic[6] {
         1 => {
             let mut b = [0u8; 2];
@@ -84,20 +88,36 @@ pub fn read_header(r: &mut impl Read) -> Result<NpyHeader> {
         }
         v => bail!(".npy format version {v} is not supported"),
     };
-    ensure!(len <= 1 << 20, ".npy header of {len} bytes is implausibly large");
+    ensure!(
+        len <= 1 << 20,
+        ".npy header of {len} bytes is implausibly large"
+    );
     let mut h = vec![0u8; len];
-    r.read_exact(&mut h).context("the .npy header is truncated")?;
+    r.read_exact(&mut h)
+        .context("the .npy header is truncated")?;
     let h = String::from_utf8_lossy(&h);
     let field = |key: &str| -> Result<String> {
         let k = format!("'{key}':");
-        let start = h.find(&k).with_context(|| format!(".npy header lacks `{key}`"))? + k.len();
+        let start = h
+            .find(&k)
+            .with_context(|| format!(".npy header lacks `{key}`"))?
+            + k.len();
         Ok(h[start..].trim_start().to_string())
     };
     let descr = field("descr")?;
-    let descr = descr.trim_start_matches('\'').split('\'').next().unwrap_or_default().to_string();
-    let dtype = Dtype::parse(&descr)
-        .with_context(|| format!("array dtype `{descr}` is not supported; use float32, uint8 or an integer type"))?;
-    ensure!(field("fortran_order")?.starts_with("False"), "Fortran-ordered arrays are not supported; save with np.ascontiguousarray");
+    let descr = descr
+        .trim_start_matches('\'')
+        .split('\'')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let dtype = Dtype::parse(&descr).with_context(|| {
+        format!("array dtype `{descr}` is not supported; use float32, uint8 or an integer type")
+    })?;
+    ensure!(
+        field("fortran_order")?.starts_with("False"),
+        "Fortran-ordered arrays are not supported; save with np.ascontiguousarray"
+    );
     let shape_s = field("shape")?;
     let inner = shape_s
         .strip_prefix('(')
@@ -107,9 +127,16 @@ pub fn read_header(r: &mut impl Read) -> Result<NpyHeader> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().with_context(|| format!("bad dimension `{s}` in .npy shape")))
+        .map(|s| {
+            s.parse::<usize>()
+                .with_context(|| format!("bad dimension `{s}` in .npy shape"))
+        })
         .collect::<Result<Vec<_>>>()?;
-    Ok(NpyHeader { dtype, shape, header_bytes: pre + len })
+    Ok(NpyHeader {
+        dtype,
+        shape,
+        header_bytes: pre + len,
+    })
 }
 
 /// Layout of `x` as stored.
@@ -136,6 +163,8 @@ pub struct NpzInfo {
 struct Entry {
     data_start: u64,
     compressed_size: u64,
+    /// Uncompressed size as the archive states it: an upper bound on what an array may claim.
+    size: u64,
     deflated: bool,
 }
 
@@ -150,14 +179,40 @@ fn entry(archive: &mut zip::ZipArchive<File>, name: &str) -> Result<Option<Entry
         zip::CompressionMethod::Deflated => true,
         other => bail!("`{name}` is compressed with {other}; use np.savez or np.savez_compressed"),
     };
-    Ok(Some(Entry { data_start: f.data_start(), compressed_size: f.compressed_size(), deflated }))
+    Ok(Some(Entry {
+        data_start: f.data_start(),
+        compressed_size: f.compressed_size(),
+        size: f.size(),
+        deflated,
+    }))
 }
 
 fn open_entry(path: &Path, e: Entry) -> Result<Box<dyn Read + Send>> {
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     f.seek(SeekFrom::Start(e.data_start))?;
     let raw = BufReader::with_capacity(1 << 16, f.take(e.compressed_size));
-    Ok(if e.deflated { Box::new(BufReader::new(flate2::read::DeflateDecoder::new(raw))) } else { Box::new(raw) })
+    Ok(if e.deflated {
+        Box::new(BufReader::new(flate2::read::DeflateDecoder::new(raw)))
+    } else {
+        Box::new(raw)
+    })
+}
+
+/// Checks that an array's declared shape fits in what its archive entry holds, before any
+/// buffer of that size is allocated; returns the data size in bytes.
+fn check_claim(h: &NpyHeader, e: &Entry, name: &str, path: &Path) -> Result<u64> {
+    let bytes = crate::util::byte_size(h.shape.iter().map(|&d| d as u64), h.dtype.size() as u64);
+    let have = e.size.saturating_sub(h.header_bytes as u64);
+    match bytes {
+        Some(b) if b <= have => Ok(b),
+        _ => Err(anyhow::anyhow!(
+            "array `{name}` in {} declares shape {:?} ({} bytes) but the archive holds {have} bytes of data for it",
+            path.display(),
+            h.shape,
+            bytes.map_or("more than 2^64".to_string(), |b| b.to_string())
+        ))
+        .hint("the file is truncated or corrupt; save it again with np.savez"),
+    }
 }
 
 impl NpzInfo {
@@ -168,7 +223,9 @@ impl NpzInfo {
         let x = entry(&mut archive, "x.npy")?
             .with_context(|| format!("{} has no array `x`", path.display()))
             .hint("save inputs as `x` and labels as `y`: np.savez(path, x=images, y=labels)")?;
-        let header = read_header(&mut open_entry(path, x)?).with_context(|| format!("array `x` in {}", path.display()))?;
+        let header = read_header(&mut open_entry(path, x)?)
+            .with_context(|| format!("array `x` in {}", path.display()))?;
+        check_claim(&header, &x, "x", path)?;
         let (layout, scale) = match (header.dtype, header.shape.len()) {
             (Dtype::F32, 4) => (Layout::Nchw, 1.0),
             (Dtype::F32, 3) => (Layout::Nhw, 1.0),
@@ -185,20 +242,39 @@ impl NpzInfo {
             None => None,
             Some(e) => {
                 let mut r = open_entry(path, e)?;
-                let h = read_header(&mut r).with_context(|| format!("array `y` in {}", path.display()))?;
+                let h = read_header(&mut r)
+                    .with_context(|| format!("array `y` in {}", path.display()))?;
+                check_claim(&h, &e, "y", path)?;
                 ensure!(
                     h.shape.len() == 1 && h.shape[0] == len,
                     "array `y` in {} has shape {:?}; expected ({len},) labels to match `x`",
                     path.display(),
                     h.shape
                 );
-                ensure!(!matches!(h.dtype, Dtype::F32 | Dtype::F64), "array `y` in {} holds floats; labels must be integers", path.display());
+                ensure!(
+                    !matches!(h.dtype, Dtype::F32 | Dtype::F64),
+                    "array `y` in {} holds floats; labels must be integers",
+                    path.display()
+                );
                 let mut buf = vec![0u8; len * h.dtype.size()];
-                r.read_exact(&mut buf).with_context(|| format!("array `y` in {} is truncated", path.display()))?;
-                Some(buf.chunks_exact(h.dtype.size()).map(|b| h.dtype.to_f64(b) as i64).collect())
+                r.read_exact(&mut buf)
+                    .with_context(|| format!("array `y` in {} is truncated", path.display()))?;
+                Some(
+                    buf.chunks_exact(h.dtype.size())
+                        .map(|b| h.dtype.to_f64(b) as i64)
+                        .collect(),
+                )
             }
         };
-        Ok(NpzInfo { path: path.to_path_buf(), x, header, layout, scale, len, labels })
+        Ok(NpzInfo {
+            path: path.to_path_buf(),
+            x,
+            header,
+            layout,
+            scale,
+            len,
+            labels,
+        })
     }
 
     fn stored_chw(&self) -> [usize; 3] {
@@ -224,7 +300,11 @@ impl NpzInfo {
         let mut r = open_entry(&self.path, self.x)?;
         let mut skip = vec![0u8; self.header.header_bytes];
         r.read_exact(&mut skip)?;
-        Ok(NpzReader { info: self.clone(), r, pos: 0 })
+        Ok(NpzReader {
+            info: self.clone(),
+            r,
+            pos: 0,
+        })
     }
 }
 
@@ -242,13 +322,23 @@ impl NpzReader {
         let es = self.info.header.dtype.size();
         let mut buf = vec![0u8; n * per * es];
         self.r.read_exact(&mut buf).with_context(|| {
-            format!("{} is truncated: array `x` ends before sample {}", self.info.path.display(), self.pos + n)
+            format!(
+                "{} is truncated: array `x` ends before sample {}",
+                self.info.path.display(),
+                self.pos + n
+            )
         })?;
         let dt = self.info.header.dtype;
         let vals: Vec<f32> = match dt {
-            Dtype::F32 => buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F32 => buf
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
             Dtype::U8 => buf.iter().map(|&b| b as f32 * self.info.scale).collect(),
-            _ => buf.chunks_exact(es).map(|b| dt.to_f64(b) as f32 * self.info.scale).collect(),
+            _ => buf
+                .chunks_exact(es)
+                .map(|b| dt.to_f64(b) as f32 * self.info.scale)
+                .collect(),
         };
         let x = if self.info.layout == Layout::Nhwc {
             let mut out = vec![0f32; vals.len()];
@@ -256,7 +346,8 @@ impl NpzReader {
                 for y in 0..h {
                     for xx in 0..w {
                         for ch in 0..c {
-                            out[s * per + ch * h * w + y * w + xx] = vals[s * per + (y * w + xx) * c + ch];
+                            out[s * per + ch * h * w + y * w + xx] =
+                                vals[s * per + (y * w + xx) * c + ch];
                         }
                     }
                 }
@@ -265,7 +356,11 @@ impl NpzReader {
         } else {
             vals
         };
-        let y = self.info.labels.as_ref().map(|l| l[self.pos..self.pos + n].to_vec());
+        let y = self
+            .info
+            .labels
+            .as_ref()
+            .map(|l| l[self.pos..self.pos + n].to_vec());
         self.pos += n;
         Ok((x, y))
     }
@@ -296,12 +391,23 @@ mod tests {
 /// Reads one whole array of an `.npz` archive as f32 (for references and small inputs).
 pub fn read_npz_array(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("{} is not a valid .npz archive", path.display()))?;
-    let e = entry(&mut archive, &format!("{name}.npy"))?.with_context(|| format!("{} has no array `{name}`", path.display()))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .with_context(|| format!("{} is not a valid .npz archive", path.display()))?;
+    let e = entry(&mut archive, &format!("{name}.npy"))?
+        .with_context(|| format!("{} has no array `{name}`", path.display()))?;
     let mut r = open_entry(path, e)?;
-    let h = read_header(&mut r)?;
-    let n: usize = h.shape.iter().product();
-    let mut buf = vec![0u8; n * h.dtype.size()];
-    r.read_exact(&mut buf).with_context(|| format!("array `{name}` in {} is truncated", path.display()))?;
-    Ok((h.shape, buf.chunks_exact(h.dtype.size()).map(|b| h.dtype.to_f64(b) as f32).collect()))
+    let h = read_header(&mut r).with_context(|| format!("array `{name}` in {}", path.display()))?;
+    let bytes = check_claim(&h, &e, name, path)?;
+    crate::util::ensure_fits_in_memory(Some(bytes), || {
+        format!("array `{name}` in {}", path.display())
+    })?;
+    let mut buf = vec![0u8; bytes as usize];
+    r.read_exact(&mut buf)
+        .with_context(|| format!("array `{name}` in {} is truncated", path.display()))?;
+    Ok((
+        h.shape,
+        buf.chunks_exact(h.dtype.size())
+            .map(|b| h.dtype.to_f64(b) as f32)
+            .collect(),
+    ))
 }

@@ -40,7 +40,10 @@ impl GradStore {
     }
     /// Parameters with a gradient, in graph order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.names.iter().zip(&self.grads).filter_map(|(n, g)| g.as_ref().map(|g| (n.as_str(), g)))
+        self.names
+            .iter()
+            .zip(&self.grads)
+            .filter_map(|(n, g)| g.as_ref().map(|g| (n.as_str(), g)))
     }
     /// Takes a parameter's gradient out of the store.
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {
@@ -65,7 +68,12 @@ fn add_into(slot: &mut Option<Tensor>, g: Tensor, bufs: &Buffers) {
     }
 }
 
-pub(crate) fn backward(net: &Net, fwd: &Forward, seeds: &[(&str, &Tensor)], want_inputs: bool) -> Result<GradStore> {
+pub(crate) fn backward(
+    net: &Net,
+    fwd: &Forward,
+    seeds: &[(&str, &Tensor)],
+    want_inputs: bool,
+) -> Result<GradStore> {
     let plan = &fwd.plan;
     let bufs: &Buffers = net.buffers();
     let params = net.params();
@@ -92,10 +100,18 @@ pub(crate) fn backward(net: &Net, fwd: &Forward, seeds: &[(&str, &Tensor)], want
     }
     let mut grads: Vec<Option<Tensor>> = vec![None; plan.values.len()];
     for (name, g) in seeds {
-        let src = plan.index.get(*name).with_context(|| format!("cannot take a gradient at `{name}`: the model has no such value"))?;
-        let Src::Val(v) = *src else { bail!("cannot take a gradient at `{name}`: it is a parameter or constant, not a computed value") };
+        let src = plan.index.get(*name).with_context(|| {
+            format!("cannot take a gradient at `{name}`: the model has no such value")
+        })?;
+        let Src::Val(v) = *src else {
+            bail!("cannot take a gradient at `{name}`: it is a parameter or constant, not a computed value")
+        };
         let shape = &plan.values[v].1;
-        ensure!(&g.shape == shape, "the gradient given for `{name}` has shape {:?}, but the value has shape {shape:?}", g.shape);
+        ensure!(
+            &g.shape == shape,
+            "the gradient given for `{name}` has shape {:?}, but the value has shape {shape:?}",
+            g.shape
+        );
         add_into(&mut grads[v], bufs.copy_of(g), bufs);
     }
     let mut pgrads: Vec<Option<Tensor>> = vec![None; params.len()];
@@ -109,10 +125,27 @@ pub(crate) fn backward(net: &Net, fwd: &Forward, seeds: &[(&str, &Tensor)], want
             dys.into_iter().flatten().for_each(|t| bufs.give(t.data));
             continue;
         }
-        let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| source(s, &fwd.values, params, net.state(), plan)).collect();
-        let outs: Vec<&Tensor> = step.outputs.iter().map(|&o| fwd.values[o].as_ref().expect("forward values are kept")).collect();
-        let dins = step_backward(step, &fwd.saved[i], fwd.mode, &ins, &outs, &mut dys, &need, bufs)
-            .with_context(|| format!("backward of node `{}` ({})", step.node, step.op_type))?;
+        let ins: Vec<&Tensor> = step
+            .inputs
+            .iter()
+            .map(|&s| source(s, &fwd.values, params, net.state(), plan))
+            .collect();
+        let outs: Vec<&Tensor> = step
+            .outputs
+            .iter()
+            .map(|&o| fwd.values[o].as_ref().expect("forward values are kept"))
+            .collect();
+        let dins = step_backward(
+            step,
+            &fwd.saved[i],
+            fwd.mode,
+            &ins,
+            &outs,
+            &mut dys,
+            &need,
+            bufs,
+        )
+        .with_context(|| format!("backward of node `{}` ({})", step.node, step.op_type))?;
         dys.into_iter().flatten().for_each(|t| bufs.give(t.data));
         for ((src, d), n) in step.inputs.iter().zip(dins).zip(&need) {
             let Some(d) = d else { continue };
@@ -126,7 +159,9 @@ pub(crate) fn backward(net: &Net, fwd: &Forward, seeds: &[(&str, &Tensor)], want
     let mut inputs = Vec::new();
     if want_inputs {
         for (name, slot) in &plan.inputs {
-            let g = grads[*slot].take().unwrap_or_else(|| Tensor::zeros(&plan.values[*slot].1));
+            let g = grads[*slot]
+                .take()
+                .unwrap_or_else(|| Tensor::zeros(&plan.values[*slot].1));
             inputs.push((name.clone(), g));
         }
     }
@@ -139,7 +174,14 @@ pub(crate) fn backward(net: &Net, fwd: &Forward, seeds: &[(&str, &Tensor)], want
             }
         }
     }
-    Ok(GradStore { names: (0..params.len()).map(|i| params.name(i).to_string()).collect(), grads: pgrads, inputs, bufs: Some(net.buffers().clone()) })
+    Ok(GradStore {
+        names: (0..params.len())
+            .map(|i| params.name(i).to_string())
+            .collect(),
+        grads: pgrads,
+        inputs,
+        bufs: Some(net.buffers().clone()),
+    })
 }
 
 /// Input gradients of one step, `None` where not needed. `dys` holds the output gradients
@@ -148,7 +190,16 @@ pub(crate) fn backward(net: &Net, fwd: &Forward, seeds: &[(&str, &Tensor)], want
 /// Buffers for results come from `bufs` with stale contents: every kernel used here writes
 /// all of its output. Output gradients left in `dys` go back to `bufs` afterwards.
 #[allow(clippy::too_many_arguments)]
-fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: &[&Tensor], dys: &mut [Option<Tensor>], need: &[bool], bufs: &Buffers) -> Result<Vec<Option<Tensor>>> {
+fn step_backward(
+    step: &Step,
+    saved: &Saved,
+    mode: Mode,
+    ins: &[&Tensor],
+    outs: &[&Tensor],
+    dys: &mut [Option<Tensor>],
+    need: &[bool],
+    bufs: &Buffers,
+) -> Result<Vec<Option<Tensor>>> {
     let x = ins[0];
     let n_in = ins.len();
     let mut res: Vec<Option<Tensor>> = vec![None; n_in];
@@ -201,19 +252,49 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
             let (mut dg, mut db) = (zeros_like(ins[1]), zeros_like(ins[2]));
             let mut dx = need[0].then(|| zeros_like(x));
             match (mode, saved) {
-                (Mode::Train, Saved::BatchNorm { mean, invstd }) => {
-                    bn::train_backward(geom, &x.data, &dy.data, &ins[1].data, mean, invstd, dx.as_mut().map(|t| t.data.as_mut_slice()), &mut dg.data, &mut db.data)
-                }
-                (Mode::Eval, _) => bn::eval_backward(geom, &x.data, &dy.data, &ins[1].data, &ins[3].data, &ins[4].data, *eps, dx.as_mut().map(|t| t.data.as_mut_slice()), &mut dg.data, &mut db.data),
+                (Mode::Train, Saved::BatchNorm { mean, invstd }) => bn::train_backward(
+                    geom,
+                    &x.data,
+                    &dy.data,
+                    &ins[1].data,
+                    mean,
+                    invstd,
+                    dx.as_mut().map(|t| t.data.as_mut_slice()),
+                    &mut dg.data,
+                    &mut db.data,
+                ),
+                (Mode::Eval, _) => bn::eval_backward(
+                    geom,
+                    &x.data,
+                    &dy.data,
+                    &ins[1].data,
+                    &ins[3].data,
+                    &ins[4].data,
+                    *eps,
+                    dx.as_mut().map(|t| t.data.as_mut_slice()),
+                    &mut dg.data,
+                    &mut db.data,
+                ),
                 _ => bail!("the forward pass kept no batch statistics"),
             }
             res[0] = dx;
             res[1] = need[1].then_some(dg);
             res[2] = need[2].then_some(db);
         }
-        Op::Relu | Op::Clip { .. } | Op::LeakyRelu { .. } | Op::Sigmoid | Op::HardSigmoid { .. } | Op::HardSwish | Op::Tanh => {
+        Op::Relu
+        | Op::Clip { .. }
+        | Op::LeakyRelu { .. }
+        | Op::Sigmoid
+        | Op::HardSigmoid { .. }
+        | Op::HardSwish
+        | Op::Tanh => {
             let mut g = single(dys);
-            act::backward_in_place(step.op.act().context("an activation")?, &x.data, &outs[0].data, &mut g.data);
+            act::backward_in_place(
+                step.op.act().context("an activation")?,
+                &x.data,
+                &outs[0].data,
+                &mut g.data,
+            );
             res[0] = Some(g);
         }
         Op::Add(bc) | Op::Sub(bc) | Op::Mul(bc) | Op::Div(bc) => {
@@ -221,18 +302,31 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
             let dy = dys[0].as_ref().expect("set above");
             let mut da = need[0].then(|| zeros_like(ins[0]));
             let mut db = need[1].then(|| zeros_like(ins[1]));
-            binary::backward(kind, bc, &ins[0].data, &ins[1].data, &dy.data, da.as_mut().map(|t| t.data.as_mut_slice()), db.as_mut().map(|t| t.data.as_mut_slice()));
+            binary::backward(
+                kind,
+                bc,
+                &ins[0].data,
+                &ins[1].data,
+                &dy.data,
+                da.as_mut().map(|t| t.data.as_mut_slice()),
+                db.as_mut().map(|t| t.data.as_mut_slice()),
+            );
             res[0] = da;
             res[1] = db;
         }
         Op::MaxPool(g) => {
             let dy = dys[0].as_ref().expect("set above");
-            let Saved::MaxPool { argmax } = saved else { bail!("the forward pass kept no argmax") };
+            let Saved::MaxPool { argmax } = saved else {
+                bail!("the forward pass kept no argmax")
+            };
             let mut dx = zeros_like(x);
             pool::max_backward(g, &dy.data, argmax, &mut dx.data);
             res[0] = Some(dx);
         }
-        Op::AveragePool { geom, count_include_pad } => {
+        Op::AveragePool {
+            geom,
+            count_include_pad,
+        } => {
             let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
             pool::avg_backward(geom, *count_include_pad, &dy.data, &mut dx.data);
@@ -249,7 +343,15 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
             let mut da = need[0].then(|| zeros_like(ins[0]));
             let mut db = need[1].then(|| zeros_like(ins[1]));
             let mut dc = (n_in > 2 && need[2]).then(|| zeros_like(ins[2]));
-            matmul::gemm_backward(g, &ins[0].data, &ins[1].data, &dy.data, da.as_mut().map(|t| t.data.as_mut_slice()), db.as_mut().map(|t| t.data.as_mut_slice()), dc.as_mut().map(|t| t.data.as_mut_slice()));
+            matmul::gemm_backward(
+                g,
+                &ins[0].data,
+                &ins[1].data,
+                &dy.data,
+                da.as_mut().map(|t| t.data.as_mut_slice()),
+                db.as_mut().map(|t| t.data.as_mut_slice()),
+                dc.as_mut().map(|t| t.data.as_mut_slice()),
+            );
             res[0] = da;
             res[1] = db;
             if n_in > 2 {
@@ -260,13 +362,23 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
             let dy = dys[0].as_ref().expect("set above");
             let mut da = need[0].then(|| zeros_like(ins[0]));
             let mut db = need[1].then(|| zeros_like(ins[1]));
-            matmul::matmul_backward(g, &ins[0].data, &ins[1].data, &dy.data, da.as_mut().map(|t| t.data.as_mut_slice()), db.as_mut().map(|t| t.data.as_mut_slice()));
+            matmul::matmul_backward(
+                g,
+                &ins[0].data,
+                &ins[1].data,
+                &dy.data,
+                da.as_mut().map(|t| t.data.as_mut_slice()),
+                db.as_mut().map(|t| t.data.as_mut_slice()),
+            );
             res[0] = da;
             res[1] = db;
         }
         Op::Reshape { .. } => {
             let dy = single(dys);
-            res[0] = Some(Tensor { shape: x.shape.clone(), data: dy.data });
+            res[0] = Some(Tensor {
+                shape: x.shape.clone(),
+                data: dy.data,
+            });
         }
         Op::Transpose { in_shape, perm } => {
             let dy = dys[0].as_ref().expect("set above");
@@ -282,7 +394,8 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
         Op::Concat { outer, inner } => {
             let dy = dys[0].as_ref().expect("set above");
             let mut parts: Vec<Tensor> = ins.iter().map(|t| zeros_like(t)).collect();
-            let mut refs: Vec<&mut [f32]> = parts.iter_mut().map(|t| t.data.as_mut_slice()).collect();
+            let mut refs: Vec<&mut [f32]> =
+                parts.iter_mut().map(|t| t.data.as_mut_slice()).collect();
             layout::split(&dy.data, *outer, inner, &mut refs);
             for (i, p) in parts.into_iter().enumerate() {
                 res[i] = need[i].then_some(p);
@@ -294,7 +407,10 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
                     *d = Some(bufs.zeros_tensor(&o.shape));
                 }
             }
-            let refs: Vec<&[f32]> = dys.iter().map(|t| t.as_ref().expect("filled above").data.as_slice()).collect();
+            let refs: Vec<&[f32]> = dys
+                .iter()
+                .map(|t| t.as_ref().expect("filled above").data.as_slice())
+                .collect();
             let mut dx = zeros_like(x);
             layout::concat(&refs, *outer, inner, &mut dx.data);
             res[0] = Some(dx);
@@ -314,7 +430,13 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
         Op::Softmax(g) | Op::LogSoftmax(g) => {
             let dy = dys[0].as_ref().expect("set above");
             let mut dx = zeros_like(x);
-            softmax::backward(g, matches!(step.op, Op::LogSoftmax(_)), &outs[0].data, &dy.data, &mut dx.data);
+            softmax::backward(
+                g,
+                matches!(step.op, Op::LogSoftmax(_)),
+                &outs[0].data,
+                &dy.data,
+                &mut dx.data,
+            );
             res[0] = Some(dx);
         }
         Op::Dropout { .. } => {
@@ -333,7 +455,10 @@ fn step_backward(step: &Step, saved: &Saved, mode: Mode, ins: &[&Tensor], outs: 
             res[0] = Some(dx);
         }
         Op::QuantizeLinear(_) | Op::DequantizeLinear(_) => {
-            bail!("{} has no backward pass; train the float model and quantize afterwards", step.op_type)
+            bail!(
+                "{} has no backward pass; train the float model and quantize afterwards",
+                step.op_type
+            )
         }
     }
     Ok(res)

@@ -75,15 +75,24 @@ impl Buffers {
     }
     /// A tensor of `shape` with unspecified contents, for kernels that write every value.
     pub fn tensor(&self, shape: &[usize]) -> Tensor {
-        Tensor { shape: shape.to_vec(), data: self.take(shape.iter().product()) }
+        Tensor {
+            shape: shape.to_vec(),
+            data: self.take(shape.iter().product()),
+        }
     }
     pub fn zeros_tensor(&self, shape: &[usize]) -> Tensor {
-        Tensor { shape: shape.to_vec(), data: self.zeros(shape.iter().product()) }
+        Tensor {
+            shape: shape.to_vec(),
+            data: self.zeros(shape.iter().product()),
+        }
     }
     pub fn copy_of(&self, t: &Tensor) -> Tensor {
         let mut data = self.take(t.data.len());
         data.copy_from_slice(&t.data);
-        Tensor { shape: t.shape.clone(), data }
+        Tensor {
+            shape: t.shape.clone(),
+            data,
+        }
     }
 }
 

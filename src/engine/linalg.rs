@@ -17,11 +17,19 @@ pub struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// Row-major `rows x cols` matrix stored contiguously.
     pub fn rows(data: &'a [f32], cols: usize) -> Mat<'a> {
-        Mat { data, rs: cols, cs: 1 }
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major matrix with `cols` columns, without copying.
     pub fn rows_t(data: &'a [f32], cols: usize) -> Mat<'a> {
-        Mat { data, rs: 1, cs: cols }
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
 }
 
@@ -44,12 +52,30 @@ fn reach(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 /// Panics when a stride addresses outside a slice: callers derive strides from shapes they
 /// have checked, so that is an engine bug, not bad input.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat, alpha: f32, accumulate: bool, par: Par) {
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    accumulate: bool,
+    par: Par,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst_rs >= n, "dst row stride {dst_rs} is shorter than a row of {n}");
-    assert!(reach(m, n, dst_rs, 1) < dst.len(), "dst ({} values) is too small for {m}x{n}", dst.len());
+    assert!(
+        dst_rs >= n,
+        "dst row stride {dst_rs} is shorter than a row of {n}"
+    );
+    assert!(
+        reach(m, n, dst_rs, 1) < dst.len(),
+        "dst ({} values) is too small for {m}x{n}",
+        dst.len()
+    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -58,10 +84,20 @@ pub fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: M
         }
         return;
     }
-    assert!(reach(m, k, a.rs, a.cs) < a.data.len(), "lhs ({} values) is too small for {m}x{k}", a.data.len());
-    assert!(reach(k, n, b.rs, b.cs) < b.data.len(), "rhs ({} values) is too small for {k}x{n}", b.data.len());
+    assert!(
+        reach(m, k, a.rs, a.cs) < a.data.len(),
+        "lhs ({} values) is too small for {m}x{k}",
+        a.data.len()
+    );
+    assert!(
+        reach(k, n, b.rs, b.cs) < b.data.len(),
+        "rhs ({} values) is too small for {k}x{n}",
+        b.data.len()
+    );
     let parallelism = match par {
-        Par::Pool if rayon::current_num_threads() > 1 => Parallelism::Rayon(rayon::current_num_threads()),
+        Par::Pool if rayon::current_num_threads() > 1 => {
+            Parallelism::Rayon(rayon::current_num_threads())
+        }
         _ => Parallelism::None,
     };
     // SAFETY: the asserts above keep every addressed element of dst, lhs and rhs inside its
@@ -103,7 +139,8 @@ mod tests {
         for i in 0..m {
             for j in 0..n {
                 for p in 0..k {
-                    out[i * n + j] += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+                    out[i * n + j] +=
+                        a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
                 }
             }
         }

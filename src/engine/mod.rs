@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod linalg;
 pub mod net;
 pub mod plan;
+mod simd;
 pub mod tensor;
 #[cfg(test)]
 mod tests;

@@ -71,7 +71,10 @@ impl ParamStore {
         self.names.iter().map(String::as_str).zip(&self.tensors)
     }
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor)> {
-        self.names.iter().map(String::as_str).zip(self.tensors.iter_mut())
+        self.names
+            .iter()
+            .map(String::as_str)
+            .zip(self.tensors.iter_mut())
     }
 }
 
@@ -80,10 +83,17 @@ impl ParamStore {
 pub(crate) enum Saved {
     None,
     /// Training-mode BatchNorm: batch mean and 1/sqrt(var + eps).
-    BatchNorm { mean: Vec<f32>, invstd: Vec<f32> },
-    MaxPool { argmax: Vec<u32> },
+    BatchNorm {
+        mean: Vec<f32>,
+        invstd: Vec<f32>,
+    },
+    MaxPool {
+        argmax: Vec<u32>,
+    },
     /// Dropout's per-element factor: 0 or 1/(1 - ratio).
-    Dropout { mask: Vec<f32> },
+    Dropout {
+        mask: Vec<f32>,
+    },
 }
 
 /// The result of a forward pass: graph outputs, every named intermediate value, and what the
@@ -119,7 +129,11 @@ impl Forward {
     }
     /// Graph outputs, in the graph's order.
     pub fn outputs(&self) -> Vec<&Tensor> {
-        self.plan.outputs.iter().filter_map(|(n, _)| self.get(n)).collect()
+        self.plan
+            .outputs
+            .iter()
+            .filter_map(|(n, _)| self.get(n))
+            .collect()
     }
     /// The first graph output (the logits of a classifier).
     pub fn output(&self) -> &Tensor {
@@ -184,10 +198,26 @@ impl Net {
             state.push(name.clone(), Tensor::from_onnx(&graph.initializers[&name])?);
         }
         let trainable = vec![true; params.len()];
-        let mut net = Net { graph, opset: model.opset, roles, params, trainable, state, plans: Mutex::new(HashMap::new()), no_backward: Vec::new(), bufs: Arc::default() };
+        let mut net = Net {
+            graph,
+            opset: model.opset,
+            roles,
+            params,
+            trainable,
+            state,
+            plans: Mutex::new(HashMap::new()),
+            no_backward: Vec::new(),
+            bufs: Arc::default(),
+        };
         // Plan once with batch 1 so unsupported ops and attributes fail now.
         let shapes = onnx::shape::input_shapes(&net.graph, 1)?;
-        let plan = net.plan_for(net.graph.inputs.iter().map(|v| shapes[&v.name].clone()).collect())?;
+        let plan = net.plan_for(
+            net.graph
+                .inputs
+                .iter()
+                .map(|v| shapes[&v.name].clone())
+                .collect(),
+        )?;
         net.no_backward = downstream_without_backward(&plan, &net.roles);
         Ok(net)
     }
@@ -197,7 +227,11 @@ impl Net {
         self.params
             .iter()
             .zip(&self.trainable)
-            .map(|((name, t), &trainable)| ParamInfo { name: name.to_string(), shape: t.shape.clone(), trainable })
+            .map(|((name, t), &trainable)| ParamInfo {
+                name: name.to_string(),
+                shape: t.shape.clone(),
+                trainable,
+            })
             .collect()
     }
 
@@ -219,7 +253,12 @@ impl Net {
     pub fn set_trainable(&mut self, names: &[&str]) -> Result<()> {
         let mut t = vec![false; self.params.len()];
         for n in names {
-            let i = self.params.index_of(n).with_context(|| format!("`{n}` is not a parameter of this model; parameters: {}", self.params.names.join(", ")))?;
+            let i = self.params.index_of(n).with_context(|| {
+                format!(
+                    "`{n}` is not a parameter of this model; parameters: {}",
+                    self.params.names.join(", ")
+                )
+            })?;
             t[i] = true;
         }
         self.trainable = t;
@@ -229,7 +268,10 @@ impl Net {
     /// Freezes (or unfreezes) the named parameters.
     pub fn freeze(&mut self, names: &[&str], frozen: bool) -> Result<()> {
         for n in names {
-            let i = self.params.index_of(n).with_context(|| format!("`{n}` is not a parameter of this model"))?;
+            let i = self
+                .params
+                .index_of(n)
+                .with_context(|| format!("`{n}` is not a parameter of this model"))?;
             self.trainable[i] = !frozen;
         }
         Ok(())
@@ -269,10 +311,19 @@ impl Net {
         if let Some(p) = cache.get(&shapes) {
             return Ok(p.clone());
         }
-        let by_name: HashMap<String, Vec<usize>> = self.graph.inputs.iter().map(|v| v.name.clone()).zip(shapes.iter().cloned()).collect();
+        let by_name: HashMap<String, Vec<usize>> = self
+            .graph
+            .inputs
+            .iter()
+            .map(|v| v.name.clone())
+            .zip(shapes.iter().cloned())
+            .collect();
         let plan = Arc::new(plan::build(&self.graph, self.opset, &self.roles, &by_name)?);
         for (name, src) in &plan.outputs {
-            ensure!(matches!(src, Src::Val(_)), "graph output `{name}` is a constant; only computed outputs are supported");
+            ensure!(
+                matches!(src, Src::Val(_)),
+                "graph output `{name}` is a constant; only computed outputs are supported"
+            );
         }
         cache.insert(shapes, plan.clone());
         Ok(plan)
@@ -288,11 +339,20 @@ impl Net {
         );
         let mut shapes = Vec::new();
         for v in &self.graph.inputs {
-            let t = inputs.iter().find(|(n, _)| *n == v.name).with_context(|| format!("no tensor given for graph input `{}`", v.name))?.1;
+            let t = inputs
+                .iter()
+                .find(|(n, _)| *n == v.name)
+                .with_context(|| format!("no tensor given for graph input `{}`", v.name))?
+                .1;
             if let Some(dims) = &v.shape {
                 ensure!(
                     dims.len() == t.shape.len()
-                        && dims.iter().zip(&t.shape).enumerate().all(|(i, (d, &s))| i == 0 || !matches!(d, onnx::Dim::Fixed(x) if *x > 0 && *x as usize != s)),
+                        && dims
+                            .iter()
+                            .zip(&t.shape)
+                            .enumerate()
+                            .all(|(i, (d, &s))| i == 0
+                                || !matches!(d, onnx::Dim::Fixed(x) if *x > 0 && *x as usize != s)),
                     "input `{}` has shape {:?} but the model declares {:?}",
                     v.name,
                     t.shape,
@@ -307,14 +367,28 @@ impl Net {
     fn check_param_shapes(&self) -> Result<()> {
         for (name, t) in self.params.iter().chain(self.state.iter()) {
             let want = &self.graph.initializers[name].dims;
-            ensure!(&t.shape == want && t.data.len() == t.numel_of_shape(), "parameter `{name}` has shape {:?} but the model needs {want:?}", t.shape);
+            ensure!(
+                &t.shape == want && t.data.len() == t.numel_of_shape(),
+                "parameter `{name}` has shape {:?} but the model needs {want:?}",
+                t.shape
+            );
         }
         Ok(())
     }
 
     /// Forward pass on the single graph input.
-    pub fn forward(&mut self, input: &Tensor, mode: Mode, rng: &mut dyn RngCore) -> Result<Forward> {
-        ensure!(self.graph.inputs.len() == 1, "the model has {} inputs ({}); use forward_inputs", self.graph.inputs.len(), self.input_names().join(", "));
+    pub fn forward(
+        &mut self,
+        input: &Tensor,
+        mode: Mode,
+        rng: &mut dyn RngCore,
+    ) -> Result<Forward> {
+        ensure!(
+            self.graph.inputs.len() == 1,
+            "the model has {} inputs ({}); use forward_inputs",
+            self.graph.inputs.len(),
+            self.input_names().join(", ")
+        );
         let name = self.graph.inputs[0].name.clone();
         self.forward_inputs(&[(&name, input)], mode, rng)
     }
@@ -322,7 +396,12 @@ impl Net {
     /// Forward pass with every graph input given by name. In training mode BatchNorm uses
     /// batch statistics and updates its running statistics, and Dropout draws its mask from
     /// `rng` (in a fixed order, so the same seed gives the same masks).
-    pub fn forward_inputs(&mut self, inputs: &[(&str, &Tensor)], mode: Mode, rng: &mut dyn RngCore) -> Result<Forward> {
+    pub fn forward_inputs(
+        &mut self,
+        inputs: &[(&str, &Tensor)],
+        mode: Mode,
+        rng: &mut dyn RngCore,
+    ) -> Result<Forward> {
         if mode == Mode::Train {
             self.check_trainable()?;
         }
@@ -330,15 +409,28 @@ impl Net {
         let plan = self.plan_for_inputs(inputs)?;
         let mut values: Vec<Option<Tensor>> = vec![None; plan.values.len()];
         for (name, slot) in &plan.inputs {
-            let t = inputs.iter().find(|(n, _)| n == name).map(|(_, t)| *t).context("input was checked")?;
+            let t = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| *t)
+                .context("input was checked")?;
             values[*slot] = Some(self.bufs.copy_of(t));
         }
         let mut saved = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             let (outs, s, running) = {
-                let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| source(s, &values, &self.params, &self.state, &plan)).collect();
-                let shapes: Vec<&[usize]> = step.outputs.iter().map(|&o| plan.values[o].1.as_slice()).collect();
-                run_step(step, &ins, &shapes, mode, rng, &self.bufs).with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
+                let ins: Vec<&Tensor> = step
+                    .inputs
+                    .iter()
+                    .map(|&s| source(s, &values, &self.params, &self.state, &plan))
+                    .collect();
+                let shapes: Vec<&[usize]> = step
+                    .outputs
+                    .iter()
+                    .map(|&o| plan.values[o].1.as_slice())
+                    .collect();
+                run_step(step, &ins, &shapes, mode, rng, &self.bufs)
+                    .with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
             };
             if let Some((mean, var)) = running {
                 self.update_running(step, &mean, &var);
@@ -348,13 +440,23 @@ impl Net {
             }
             saved.push(s);
         }
-        Ok(Forward { plan, mode, values, saved, bufs: self.bufs.clone() })
+        Ok(Forward {
+            plan,
+            mode,
+            values,
+            saved,
+            bufs: self.bufs.clone(),
+        })
     }
 
     fn update_running(&mut self, step: &Step, mean: &[f32], var: &[f32]) {
-        let Op::BatchNorm { geom, momentum, .. } = &step.op else { return };
+        let Op::BatchNorm { geom, momentum, .. } = &step.op else {
+            return;
+        };
         // Running statistics computed by the graph (not initializers) have nowhere to go.
-        let (Src::State(im), Src::State(iv)) = (step.inputs[3], step.inputs[4]) else { return };
+        let (Src::State(im), Src::State(iv)) = (step.inputs[3], step.inputs[4]) else {
+            return;
+        };
         let mut rm = std::mem::take(&mut self.state.tensors[im].data);
         let mut rv = std::mem::take(&mut self.state.tensors[iv].data);
         bn::update_running(geom, *momentum, mean, var, &mut rm, &mut rv);
@@ -371,15 +473,27 @@ impl Net {
 
     /// Like `backward`, also returning gradients with respect to the graph inputs
     /// (`GradStore::input`).
-    pub fn backward_with_inputs(&self, fwd: &Forward, grads: &[(&str, &Tensor)]) -> Result<GradStore> {
+    pub fn backward_with_inputs(
+        &self,
+        fwd: &Forward,
+        grads: &[(&str, &Tensor)],
+    ) -> Result<GradStore> {
         backprop::backward(self, fwd, grads, true)
     }
 
     /// Inference forward pass that shows every float value (graph inputs, intermediates and
     /// outputs, in execution order) to `observe` and frees each value after its last use.
     /// Returns the graph outputs. Quantized (integer) values are not shown.
-    pub fn run_observed(&self, input: &Tensor, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Vec<Tensor>> {
-        ensure!(self.graph.inputs.len() == 1, "the model has {} inputs; run_observed takes one", self.graph.inputs.len());
+    pub fn run_observed(
+        &self,
+        input: &Tensor,
+        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
+        ensure!(
+            self.graph.inputs.len() == 1,
+            "the model has {} inputs; run_observed takes one",
+            self.graph.inputs.len()
+        );
         self.check_param_shapes()?;
         let name = self.graph.inputs[0].name.clone();
         let plan = self.plan_for_inputs(&[(&name, input)])?;
@@ -391,13 +505,23 @@ impl Net {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         for (i, step) in plan.steps.iter().enumerate() {
             let (outs, _, _) = {
-                let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| source(s, &values, &self.params, &self.state, &plan)).collect();
-                let shapes: Vec<&[usize]> = step.outputs.iter().map(|&o| plan.values[o].1.as_slice()).collect();
-                run_step(step, &ins, &shapes, Mode::Eval, &mut rng, &self.bufs).with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
+                let ins: Vec<&Tensor> = step
+                    .inputs
+                    .iter()
+                    .map(|&s| source(s, &values, &self.params, &self.state, &plan))
+                    .collect();
+                let shapes: Vec<&[usize]> = step
+                    .outputs
+                    .iter()
+                    .map(|&o| plan.values[o].1.as_slice())
+                    .collect();
+                run_step(step, &ins, &shapes, Mode::Eval, &mut rng, &self.bufs)
+                    .with_context(|| format!("node `{}` ({})", step.node, step.op_type))?
             };
             for (&o, t) in step.outputs.iter().zip(outs) {
                 if !matches!(step.op, Op::QuantizeLinear(_)) {
-                    observe(&plan.values[o].0, &t).with_context(|| format!("observing `{}`", plan.values[o].0))?;
+                    observe(&plan.values[o].0, &t)
+                        .with_context(|| format!("observing `{}`", plan.values[o].0))?;
                 }
                 values[o] = Some(t);
             }
@@ -411,10 +535,15 @@ impl Net {
                 }
             }
         }
-        plan.outputs.iter().map(|(n, s)| match s {
-            Src::Val(v) => values[*v].take().with_context(|| format!("output `{n}` was not computed")),
-            _ => bail!("graph output `{n}` is a constant"),
-        }).collect()
+        plan.outputs
+            .iter()
+            .map(|(n, s)| match s {
+                Src::Val(v) => values[*v]
+                    .take()
+                    .with_context(|| format!("output `{n}` was not computed")),
+                _ => bail!("graph output `{n}` is a constant"),
+            })
+            .collect()
     }
 
     /// Writes parameters and BatchNorm running statistics back into `model`'s initializers
@@ -422,7 +551,12 @@ impl Net {
     pub fn write_back(&self, model: &mut Model) -> Result<()> {
         for (name, t) in self.params.iter().chain(self.state.iter()) {
             let slot = model.graph.initializers.get_mut(name).with_context(|| format!("the model has no initializer `{name}` to write back to; is it the model this net was built from?"))?;
-            ensure!(slot.dims == t.shape, "initializer `{name}` has shape {:?} in the model but {:?} here", slot.dims, t.shape);
+            ensure!(
+                slot.dims == t.shape,
+                "initializer `{name}` has shape {:?} in the model but {:?} here",
+                slot.dims,
+                t.shape
+            );
             *slot = t.to_onnx(name);
         }
         Ok(())
@@ -435,9 +569,17 @@ impl Tensor {
     }
 }
 
-pub(crate) fn source<'a>(s: Src, values: &'a [Option<Tensor>], params: &'a ParamStore, state: &'a ParamStore, plan: &'a Plan) -> &'a Tensor {
+pub(crate) fn source<'a>(
+    s: Src,
+    values: &'a [Option<Tensor>],
+    params: &'a ParamStore,
+    state: &'a ParamStore,
+    plan: &'a Plan,
+) -> &'a Tensor {
     match s {
-        Src::Val(v) => values[v].as_ref().expect("plans order steps after the steps producing their inputs"),
+        Src::Val(v) => values[v]
+            .as_ref()
+            .expect("plans order steps after the steps producing their inputs"),
         Src::Param(i) => &params.tensors[i],
         Src::State(i) => &state.tensors[i],
         Src::Const(i) => &plan.consts[i],
@@ -467,12 +609,18 @@ fn downstream_without_backward(plan: &Plan, roles: &Roles) -> Vec<String> {
     out
 }
 
-
 type StepResult = (Vec<Tensor>, Saved, Option<(Vec<f32>, Vec<f32>)>);
 
 /// Runs one step's forward kernel. Returns the outputs, what backward needs, and for
 /// training-mode BatchNorm the batch mean and variance for the running update.
-fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, rng: &mut dyn RngCore, bufs: &Buffers) -> Result<StepResult> {
+fn run_step(
+    step: &Step,
+    ins: &[&Tensor],
+    out_shapes: &[&[usize]],
+    mode: Mode,
+    rng: &mut dyn RngCore,
+    bufs: &Buffers,
+) -> Result<StepResult> {
     let x = ins[0];
     // Every kernel below writes all of its output, so stale buffer contents never leak.
     let y0 = || bufs.tensor(out_shapes[0]);
@@ -481,7 +629,13 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
     let outs = match &step.op {
         Op::Conv { geom, bias } => {
             let mut y = y0();
-            conv::forward(geom, &x.data, &ins[1].data, bias.then(|| ins[2].data.as_slice()), &mut y.data);
+            conv::forward(
+                geom,
+                &x.data,
+                &ins[1].data,
+                bias.then(|| ins[2].data.as_slice()),
+                &mut y.data,
+            );
             vec![y]
         }
         Op::ConvTranspose { geom, bias } => {
@@ -501,18 +655,48 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
             let (gamma, beta) = (&ins[1].data, &ins[2].data);
             match mode {
                 Mode::Train => {
-                    let (mut mean, mut var, mut invstd) = (vec![0.0; geom.c], vec![0.0; geom.c], vec![0.0; geom.c]);
-                    bn::train_forward(geom, &x.data, gamma, beta, *eps, &mut y.data, &mut mean, &mut var, &mut invstd);
+                    let (mut mean, mut var, mut invstd) =
+                        (vec![0.0; geom.c], vec![0.0; geom.c], vec![0.0; geom.c]);
+                    bn::train_forward(
+                        geom,
+                        &x.data,
+                        gamma,
+                        beta,
+                        *eps,
+                        &mut y.data,
+                        &mut mean,
+                        &mut var,
+                        &mut invstd,
+                    );
                     running = Some((mean.clone(), var));
                     saved = Saved::BatchNorm { mean, invstd };
                 }
-                Mode::Eval => bn::eval_forward(geom, &x.data, gamma, beta, &ins[3].data, &ins[4].data, *eps, &mut y.data),
+                Mode::Eval => bn::eval_forward(
+                    geom,
+                    &x.data,
+                    gamma,
+                    beta,
+                    &ins[3].data,
+                    &ins[4].data,
+                    *eps,
+                    &mut y.data,
+                ),
             }
             vec![y]
         }
-        Op::Relu | Op::Clip { .. } | Op::LeakyRelu { .. } | Op::Sigmoid | Op::HardSigmoid { .. } | Op::HardSwish | Op::Tanh => {
+        Op::Relu
+        | Op::Clip { .. }
+        | Op::LeakyRelu { .. }
+        | Op::Sigmoid
+        | Op::HardSigmoid { .. }
+        | Op::HardSwish
+        | Op::Tanh => {
             let mut y = y0();
-            act::forward(step.op.act().context("an activation")?, &x.data, &mut y.data);
+            act::forward(
+                step.op.act().context("an activation")?,
+                &x.data,
+                &mut y.data,
+            );
             vec![y]
         }
         Op::Add(bc) | Op::Sub(bc) | Op::Mul(bc) | Op::Div(bc) => {
@@ -528,7 +712,10 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
             saved = Saved::MaxPool { argmax };
             vec![y]
         }
-        Op::AveragePool { geom, count_include_pad } => {
+        Op::AveragePool {
+            geom,
+            count_include_pad,
+        } => {
             let mut y = y0();
             pool::avg_forward(geom, *count_include_pad, &x.data, &mut y.data);
             vec![y]
@@ -540,7 +727,13 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
         }
         Op::Gemm(g) => {
             let mut y = y0();
-            matmul::gemm_forward(g, &x.data, &ins[1].data, ins.get(2).map(|c| c.data.as_slice()), &mut y.data);
+            matmul::gemm_forward(
+                g,
+                &x.data,
+                &ins[1].data,
+                ins.get(2).map(|c| c.data.as_slice()),
+                &mut y.data,
+            );
             vec![y]
         }
         Op::MatMul(g) => {
@@ -566,7 +759,8 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
         }
         Op::Split { outer, inner } => {
             let mut outs: Vec<Tensor> = out_shapes.iter().map(|s| bufs.tensor(s)).collect();
-            let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.data.as_mut_slice()).collect();
+            let mut refs: Vec<&mut [f32]> =
+                outs.iter_mut().map(|o| o.data.as_mut_slice()).collect();
             layout::split(&x.data, *outer, inner, &mut refs);
             outs
         }
@@ -575,14 +769,23 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
             layout::slice(&x.data, in_shape, ranges, &mut y.data);
             vec![y]
         }
-        Op::Pad { in_shape, pads, value } => {
+        Op::Pad {
+            in_shape,
+            pads,
+            value,
+        } => {
             let mut y = y0();
             layout::pad(&x.data, in_shape, pads, *value, &mut y.data);
             vec![y]
         }
         Op::Softmax(g) | Op::LogSoftmax(g) => {
             let mut y = y0();
-            softmax::forward(g, matches!(step.op, Op::LogSoftmax(_)), &x.data, &mut y.data);
+            softmax::forward(
+                g,
+                matches!(step.op, Op::LogSoftmax(_)),
+                &x.data,
+                &mut y.data,
+            );
             vec![y]
         }
         Op::Dropout { ratio } => match mode {
@@ -590,7 +793,11 @@ fn run_step(step: &Step, ins: &[&Tensor], out_shapes: &[&[usize]], mode: Mode, r
                 let keep = 1.0 / (1.0 - ratio);
                 let mut mask = bufs.take(x.data.len());
                 for m in mask.iter_mut() {
-                    *m = if rng.random::<f32>() < *ratio { 0.0 } else { keep };
+                    *m = if rng.random::<f32>() < *ratio {
+                        0.0
+                    } else {
+                        keep
+                    };
                 }
                 let mut y = y0();
                 for ((o, a), m) in y.data.iter_mut().zip(&x.data).zip(&mask) {

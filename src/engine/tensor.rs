@@ -29,11 +29,17 @@ impl Tensor {
     }
 
     pub fn full(shape: &[usize], value: f32) -> Tensor {
-        Tensor { shape: shape.to_vec(), data: vec![value; shape.iter().product()] }
+        Tensor {
+            shape: shape.to_vec(),
+            data: vec![value; shape.iter().product()],
+        }
     }
 
     pub fn scalar(value: f32) -> Tensor {
-        Tensor { shape: vec![], data: vec![value] }
+        Tensor {
+            shape: vec![],
+            data: vec![value],
+        }
     }
 
     pub fn numel(&self) -> usize {
@@ -47,31 +53,55 @@ impl Tensor {
     /// The same values under another shape with the same number of elements.
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        ensure!(n == self.data.len(), "cannot reshape {:?} to {shape:?}", self.shape);
+        ensure!(
+            n == self.data.len(),
+            "cannot reshape {:?} to {shape:?}",
+            self.shape
+        );
         self.shape = shape.to_vec();
         Ok(self)
     }
 
     /// Rows of the tensor viewed as `[shape[0], rest]`, e.g. one row per sample.
     pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
-        let row = if self.shape.is_empty() { 1 } else { self.shape[1..].iter().product::<usize>().max(1) };
+        let row = if self.shape.is_empty() {
+            1
+        } else {
+            self.shape[1..].iter().product::<usize>().max(1)
+        };
         self.data.chunks(row)
     }
 
     /// Samples `range` of the leading (batch) axis, e.g. to take a mini-batch.
     pub fn batch_slice(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
-        ensure!(!self.shape.is_empty() && range.end <= self.shape[0] && range.start <= range.end,
-            "batch range {range:?} is outside a tensor of shape {:?}", self.shape);
+        ensure!(
+            !self.shape.is_empty() && range.end <= self.shape[0] && range.start <= range.end,
+            "batch range {range:?} is outside a tensor of shape {:?}",
+            self.shape
+        );
         let row: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();
         shape[0] = range.len();
-        Ok(Tensor { shape, data: self.data[range.start * row..range.end * row].to_vec() })
+        Ok(Tensor {
+            shape,
+            data: self.data[range.start * row..range.end * row].to_vec(),
+        })
     }
 
     /// Largest absolute element-wise difference; errors when the shapes differ.
     pub fn max_abs_diff(&self, other: &Tensor) -> Result<f32> {
-        ensure!(self.shape == other.shape, "shapes differ: {:?} vs {:?}", self.shape, other.shape);
-        Ok(self.data.iter().zip(&other.data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max))
+        ensure!(
+            self.shape == other.shape,
+            "shapes differ: {:?} vs {:?}",
+            self.shape,
+            other.shape
+        );
+        Ok(self
+            .data
+            .iter()
+            .zip(&other.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max))
     }
 
     /// Converts an ONNX tensor of any numeric type to f32 (integers keep their values exactly

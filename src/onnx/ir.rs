@@ -70,12 +70,17 @@ impl Model {
             .context("the model imports no default-domain (ai.onnx) opset")?;
         let g = proto.graph.as_ref().context("the model has no graph")?;
         let graph = Graph::from_proto(g)?;
-        Ok(Model { graph, opset, proto })
+        Ok(Model {
+            graph,
+            opset,
+            proto,
+        })
     }
 
     pub fn load(path: &std::path::Path) -> Result<Model> {
         let proto = super::load::load_model(path)?;
-        Model::from_proto(proto).with_context(|| format!("cannot read the graph of {}", path.display()))
+        Model::from_proto(proto)
+            .with_context(|| format!("cannot read the graph of {}", path.display()))
     }
 
     pub fn to_proto(&self) -> ModelProto {
@@ -97,7 +102,11 @@ impl Model {
 fn value_info_from_proto(v: &ValueInfoProto) -> ValueInfo {
     let mut elem_type = 0;
     let mut shape = None;
-    if let Some(TypeProto { value: Some(type_proto::Value::TensorType(tt)), .. }) = &v.r#type {
+    if let Some(TypeProto {
+        value: Some(type_proto::Value::TensorType(tt)),
+        ..
+    }) = &v.r#type
+    {
         elem_type = tt.elem_type;
         if let Some(s) = &tt.shape {
             shape = Some(
@@ -112,7 +121,11 @@ fn value_info_from_proto(v: &ValueInfoProto) -> ValueInfo {
             );
         }
     }
-    ValueInfo { name: v.name.clone(), elem_type, shape }
+    ValueInfo {
+        name: v.name.clone(),
+        elem_type,
+        shape,
+    }
 }
 
 impl ValueInfo {
@@ -134,7 +147,10 @@ impl ValueInfo {
         ValueInfoProto {
             name: self.name.clone(),
             r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(TT { elem_type: self.elem_type, shape })),
+                value: Some(type_proto::Value::TensorType(TT {
+                    elem_type: self.elem_type,
+                    shape,
+                })),
                 denotation: String::new(),
             }),
             ..Default::default()
@@ -166,7 +182,11 @@ impl ValueInfo {
 impl Node {
     fn from_proto(n: &NodeProto, index: usize) -> Node {
         Node {
-            name: if n.name.is_empty() { format!("{}_{index}", n.op_type) } else { n.name.clone() },
+            name: if n.name.is_empty() {
+                format!("{}_{index}", n.op_type)
+            } else {
+                n.name.clone()
+            },
             op_type: n.op_type.clone(),
             domain: n.domain.clone(),
             inputs: n.input.clone(),
@@ -211,19 +231,29 @@ impl Node {
     }
 
     pub fn attr_int(&self, name: &str, default: i64) -> Result<i64> {
-        Ok(self.attr_typed(name, AttributeType::Int)?.map(|a| a.i).unwrap_or(default))
+        Ok(self
+            .attr_typed(name, AttributeType::Int)?
+            .map(|a| a.i)
+            .unwrap_or(default))
     }
 
     pub fn attr_float(&self, name: &str, default: f32) -> Result<f32> {
-        Ok(self.attr_typed(name, AttributeType::Float)?.map(|a| a.f).unwrap_or(default))
+        Ok(self
+            .attr_typed(name, AttributeType::Float)?
+            .map(|a| a.f)
+            .unwrap_or(default))
     }
 
     pub fn attr_ints(&self, name: &str) -> Result<Option<Vec<i64>>> {
-        Ok(self.attr_typed(name, AttributeType::Ints)?.map(|a| a.ints.clone()))
+        Ok(self
+            .attr_typed(name, AttributeType::Ints)?
+            .map(|a| a.ints.clone()))
     }
 
     pub fn attr_floats(&self, name: &str) -> Result<Option<Vec<f32>>> {
-        Ok(self.attr_typed(name, AttributeType::Floats)?.map(|a| a.floats.clone()))
+        Ok(self
+            .attr_typed(name, AttributeType::Floats)?
+            .map(|a| a.floats.clone()))
     }
 
     pub fn attr_string(&self, name: &str, default: &str) -> Result<String> {
@@ -239,7 +269,9 @@ impl Node {
                 let t = a.t.as_ref().with_context(|| {
                     format!("node `{}`: attribute `{name}` holds no tensor", self.name)
                 })?;
-                Ok(Some(Tensor::from_proto(t).with_context(|| format!("node `{}`", self.name))?))
+                Ok(Some(
+                    Tensor::from_proto(t).with_context(|| format!("node `{}`", self.name))?,
+                ))
             }
             None => Ok(None),
         }
@@ -247,7 +279,10 @@ impl Node {
 
     /// Input `i` if present and not the empty name ONNX uses for a skipped optional input.
     pub fn input(&self, i: usize) -> Option<&str> {
-        self.inputs.get(i).map(String::as_str).filter(|s| !s.is_empty())
+        self.inputs
+            .get(i)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
     }
 
     /// Error naming this node, for unsupported cases.
@@ -257,15 +292,30 @@ impl Node {
 }
 
 pub fn make_attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
 }
 
 pub fn make_attr_ints(name: &str, v: Vec<i64>) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v,
+        ..Default::default()
+    }
 }
 
 pub fn make_attr_float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: v, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Float as i32,
+        f: v,
+        ..Default::default()
+    }
 }
 
 /// Value of a `Constant` node as a tensor, whichever of its `value*` attributes is set.
@@ -279,13 +329,21 @@ fn constant_value(n: &Node) -> Result<Option<Tensor>> {
         return Ok(Some(Tensor::new(out, vec![], Data::F32(vec![a.f]))));
     }
     if let Some(a) = n.attr("value_floats") {
-        return Ok(Some(Tensor::new(out, vec![a.floats.len()], Data::F32(a.floats.clone()))));
+        return Ok(Some(Tensor::new(
+            out,
+            vec![a.floats.len()],
+            Data::F32(a.floats.clone()),
+        )));
     }
     if let Some(a) = n.attr("value_int") {
         return Ok(Some(Tensor::new(out, vec![], Data::I64(vec![a.i]))));
     }
     if let Some(a) = n.attr("value_ints") {
-        return Ok(Some(Tensor::new(out, vec![a.ints.len()], Data::I64(a.ints.clone()))));
+        return Ok(Some(Tensor::new(
+            out,
+            vec![a.ints.len()],
+            Data::I64(a.ints.clone()),
+        )));
     }
     Ok(None)
 }
@@ -304,7 +362,10 @@ impl Graph {
             let node = Node::from_proto(n, i);
             if node.op_type == "Constant" && node.domain.is_empty() {
                 if let Some(t) = constant_value(&node)? {
-                    ensure!(node.outputs.len() == 1, node.unsupported("a Constant must have one output"));
+                    ensure!(
+                        node.outputs.len() == 1,
+                        node.unsupported("a Constant must have one output")
+                    );
                     initializers.insert(t.name.clone(), t);
                     continue;
                 }
@@ -318,8 +379,19 @@ impl Graph {
             .map(value_info_from_proto)
             .collect();
         let outputs = g.output.iter().map(value_info_from_proto).collect();
-        let value_info = g.value_info.iter().map(|v| (v.name.clone(), value_info_from_proto(v))).collect();
-        let mut graph = Graph { name: g.name.clone(), nodes, inputs, outputs, initializers, value_info };
+        let value_info = g
+            .value_info
+            .iter()
+            .map(|v| (v.name.clone(), value_info_from_proto(v)))
+            .collect();
+        let mut graph = Graph {
+            name: g.name.clone(),
+            nodes,
+            inputs,
+            outputs,
+            initializers,
+            value_info,
+        };
         graph.sort_topologically()?;
         Ok(graph)
     }
@@ -343,8 +415,14 @@ impl Graph {
     /// file's order where it is already valid). Errors on cycles and on inputs nobody produces.
     pub fn sort_topologically(&mut self) -> Result<()> {
         let order = self.topological_order()?;
-        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes).into_iter().map(Some).collect();
-        self.nodes = order.into_iter().map(|j| old[j].take().expect("each index once")).collect();
+        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.nodes = order
+            .into_iter()
+            .map(|j| old[j].take().expect("each index once"))
+            .collect();
         Ok(())
     }
 
@@ -398,8 +476,10 @@ impl Graph {
                 }
             }
         }
-        let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> =
-            (0..n).filter(|&j| indeg[j] == 0).map(std::cmp::Reverse).collect();
+        let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = (0..n)
+            .filter(|&j| indeg[j] == 0)
+            .map(std::cmp::Reverse)
+            .collect();
         let mut order = Vec::with_capacity(n);
         while let Some(std::cmp::Reverse(j)) = ready.pop() {
             order.push(j);
@@ -411,7 +491,11 @@ impl Graph {
             }
         }
         if order.len() != n {
-            let stuck: Vec<_> = (0..n).filter(|&j| indeg[j] > 0).map(|j| self.nodes[j].name.as_str()).take(5).collect();
+            let stuck: Vec<_> = (0..n)
+                .filter(|&j| indeg[j] > 0)
+                .map(|j| self.nodes[j].name.as_str())
+                .take(5)
+                .collect();
             bail!("the graph has a cycle through nodes {}", stuck.join(", "));
         }
         for o in &self.outputs {
@@ -460,7 +544,12 @@ impl Graph {
         let used: HashSet<&str> = self
             .nodes
             .iter()
-            .flat_map(|n| n.outputs.iter().chain(n.inputs.iter()).chain(std::iter::once(&n.name)))
+            .flat_map(|n| {
+                n.outputs
+                    .iter()
+                    .chain(n.inputs.iter())
+                    .chain(std::iter::once(&n.name))
+            })
             .map(String::as_str)
             .chain(self.initializers.keys().map(String::as_str))
             .chain(self.inputs.iter().map(|v| v.name.as_str()))
@@ -468,7 +557,10 @@ impl Graph {
         if !used.contains(base) {
             return base.to_string();
         }
-        (1..).map(|i| format!("{base}_{i}")).find(|c| !used.contains(c.as_str())).expect("unbounded")
+        (1..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|c| !used.contains(c.as_str()))
+            .expect("unbounded")
     }
 
     /// Removes initializers no node reads and that are not outputs.

@@ -11,9 +11,24 @@ use super::tensor::dtype_name;
 
 /// Ops the quantizer rewrites to int8 (others stay float).
 pub const QUANTIZABLE_OPS: &[&str] = &[
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "Concat", "Relu", "Clip", "Flatten", "Reshape", "Transpose",
-    "Resize", "Sigmoid", "LeakyRelu",
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Concat",
+    "Relu",
+    "Clip",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Resize",
+    "Sigmoid",
+    "LeakyRelu",
 ];
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,11 +100,13 @@ pub fn summarize(model: &Model) -> Result<Summary> {
     let mut params_by_dtype: BTreeMap<String, DtypeParams> = BTreeMap::new();
     let (mut params, mut weight_bytes) = (0u64, 0u64);
     for t in g.initializers.values() {
-        let e = params_by_dtype.entry(dtype_name(t.data.dtype() as i32)).or_default();
-        e.count += t.numel() as u64;
-        e.bytes += t.byte_size() as u64;
-        params += t.numel() as u64;
-        weight_bytes += t.byte_size() as u64;
+        let e = params_by_dtype
+            .entry(dtype_name(t.data.dtype() as i32))
+            .or_default();
+        e.count = e.count.saturating_add(t.numel() as u64);
+        e.bytes = e.bytes.saturating_add(t.byte_size() as u64);
+        params = params.saturating_add(t.numel() as u64);
+        weight_bytes = weight_bytes.saturating_add(t.byte_size() as u64);
     }
     let shapes = shape::infer(g, &shape::input_shapes(g, 1)?)?;
     let mut layers = Vec::new();
@@ -98,18 +115,34 @@ pub fn summarize(model: &Model) -> Result<Summary> {
             Some(s) => s.clone(),
             None => continue,
         };
-        let out_n: u64 = out.iter().product::<usize>() as u64;
+        // Saturating: a shape such as [2^40, 2^40, 0] is valid (and empty), and a hostile
+        // model's MAC count must not overflow.
+        let product = |s: &[usize]| -> u64 {
+            if s.contains(&0) {
+                return 0;
+            }
+            s.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64))
+        };
+        let out_n = product(&out);
         let macs = match n.op_type.as_str() {
             "Conv" | "ConvTranspose" | "QLinearConv" => {
-                let w = if n.op_type == "QLinearConv" { n.input(3) } else { n.input(1) };
+                let w = if n.op_type == "QLinearConv" {
+                    n.input(3)
+                } else {
+                    n.input(1)
+                };
                 match w.and_then(|w| shapes.shapes.get(w)) {
                     Some(ws) if ws.len() >= 3 => {
-                        let k: u64 = ws[2..].iter().product::<usize>() as u64;
+                        let k = product(&ws[2..]);
                         if n.op_type == "ConvTranspose" {
-                            let x = shapes.shapes.get(&n.inputs[0]).map(|s| s.iter().product::<usize>() as u64).unwrap_or(0);
-                            x * ws[1] as u64 * k
+                            let x = n
+                                .input(0)
+                                .and_then(|i| shapes.shapes.get(i))
+                                .map(|s| product(s))
+                                .unwrap_or(0);
+                            x.saturating_mul(ws[1] as u64).saturating_mul(k)
                         } else {
-                            out_n * ws[1] as u64 * k
+                            out_n.saturating_mul(ws[1] as u64).saturating_mul(k)
                         }
                     }
                     _ => 0,
@@ -118,16 +151,23 @@ pub fn summarize(model: &Model) -> Result<Summary> {
             "Gemm" | "MatMul" | "QLinearMatMul" => {
                 let a = n.input(0).and_then(|a| shapes.shapes.get(a));
                 let k = match (n.op_type.as_str(), a) {
-                    ("Gemm", Some(a)) if n.attr_int("transA", 0)? != 0 => a[0],
+                    ("Gemm", Some(a)) if n.attr_int("transA", 0)? != 0 => {
+                        a.first().copied().unwrap_or(0)
+                    }
                     (_, Some(a)) => *a.last().unwrap_or(&0),
                     _ => 0,
                 };
-                out_n * k as u64
+                out_n.saturating_mul(k as u64)
             }
             _ => 0,
         };
         if macs > 0 {
-            layers.push(LayerMacs { node: n.name.clone(), op: n.op_type.clone(), output_shape: out, macs });
+            layers.push(LayerMacs {
+                node: n.name.clone(),
+                op: n.op_type.clone(),
+                output_shape: out,
+                macs,
+            });
         }
     }
     let quantizable_ops: BTreeMap<String, usize> = op_histogram
@@ -138,11 +178,16 @@ pub fn summarize(model: &Model) -> Result<Summary> {
     Ok(Summary {
         ir_version: model.proto.ir_version,
         opset: model.opset,
-        producer: format!("{} {}", model.proto.producer_name, model.proto.producer_version).trim().to_string(),
+        producer: format!(
+            "{} {}",
+            model.proto.producer_name, model.proto.producer_version
+        )
+        .trim()
+        .to_string(),
         inputs: g.inputs.iter().map(io).collect(),
         outputs: g.outputs.iter().map(io).collect(),
         nodes: g.nodes.len(),
-        macs: layers.iter().map(|l| l.macs).sum(),
+        macs: layers.iter().fold(0u64, |a, l| a.saturating_add(l.macs)),
         layers,
         quantizable_nodes: quantizable_ops.values().sum(),
         quantizable_ops,

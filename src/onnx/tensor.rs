@@ -146,13 +146,20 @@ impl Tensor {
         let numel = dims
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .with_context(|| format!("tensor `{name}` has dimensions {dims:?} whose product overflows"))?;
-        let dt = DataType::try_from(t.data_type)
-            .map_err(|_| anyhow::anyhow!("tensor `{name}` has unknown data type {}", t.data_type))?;
+            .with_context(|| {
+                format!("tensor `{name}` has dimensions {dims:?} whose product overflows")
+            })?;
+        let dt = DataType::try_from(t.data_type).map_err(|_| {
+            anyhow::anyhow!("tensor `{name}` has unknown data type {}", t.data_type)
+        })?;
         let raw = !t.raw_data.is_empty() || numel == 0 && is_raw_only(t);
         let data = if raw {
-            let esize = dtype_size(dt)
-                .with_context(|| format!("tensor `{name}` has data type {} which shrink cannot read", dtype_name(t.data_type)))?;
+            let esize = dtype_size(dt).with_context(|| {
+                format!(
+                    "tensor `{name}` has data type {} which shrink cannot read",
+                    dtype_name(t.data_type)
+                )
+            })?;
             let expect = numel.checked_mul(esize).context("tensor size overflows")?;
             ensure!(
                 t.raw_data.len() == expect,
@@ -190,11 +197,21 @@ impl Tensor {
     pub fn to_proto(&self) -> TensorProto {
         let mut raw = Vec::with_capacity(self.byte_size());
         match &self.data {
-            Data::F32(v) => v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
-            Data::F64(v) => v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
-            Data::F16(v) => v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
-            Data::I64(v) => v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
-            Data::I32(v) => v.iter().for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
+            Data::F32(v) => v
+                .iter()
+                .for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
+            Data::F64(v) => v
+                .iter()
+                .for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
+            Data::F16(v) => v
+                .iter()
+                .for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
+            Data::I64(v) => v
+                .iter()
+                .for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
+            Data::I32(v) => v
+                .iter()
+                .for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
             Data::I8(v) => v.iter().for_each(|x| raw.push(*x as u8)),
             Data::U8(v) => raw.extend_from_slice(v),
             Data::Bool(v) => v.iter().for_each(|x| raw.push(*x as u8)),
@@ -268,7 +285,10 @@ mod tests {
             float_data: vec![1.0, 2.0, 3.0],
             ..Default::default()
         };
-        assert_eq!(Tensor::from_proto(&p).unwrap().as_f32().unwrap(), &[1.0, 2.0, 3.0]);
+        assert_eq!(
+            Tensor::from_proto(&p).unwrap().as_f32().unwrap(),
+            &[1.0, 2.0, 3.0]
+        );
     }
 
     #[test]
@@ -281,7 +301,10 @@ mod tests {
             ..Default::default()
         };
         let e = Tensor::from_proto(&p).unwrap_err().to_string();
-        assert!(e.contains("conv.weight") && e.contains("4000000 bytes"), "{e}");
+        assert!(
+            e.contains("conv.weight") && e.contains("4000000 bytes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,6 +26,13 @@ pub trait StageExecutor {
     /// Runs `stage`: reads `stage.inputs`, writes every path in `stage.outputs`. An error
     /// (including "this stage kind is not supported") stops the run and is returned as is.
     fn run_stage(&mut self, stage: &PlannedStage) -> Result<StageResult>;
+
+    /// Checks what only the stages themselves can validate (e.g. gate budgets), after the
+    /// recipe is loaded and before any stage runs. Errors should point into the recipe
+    /// with [`Recipe::error_at`](super::Recipe::error_at).
+    fn check(&mut self, _recipe: &super::Recipe, _plan: &super::Plan) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a stage did.

@@ -26,7 +26,7 @@
 mod exec;
 mod overrides;
 mod plan;
-mod schema;
+pub mod schema;
 mod source;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -292,18 +292,7 @@ lowercase_enum!(
     /// Numeric precision of the quantized model.
     Precision { Int8 => "int8", Fp16 => "fp16" }
 );
-lowercase_enum!(
-    /// Inference backend for benchmarks.
-    Backend { Tract => "tract", Ort => "ort" }
-);
-lowercase_enum!(
-    /// Device or execution provider for benchmarks.
-    Device { Cpu => "cpu", Cuda => "cuda", Xnnpack => "xnnpack" }
-);
-lowercase_enum!(
-    /// What a benchmark's settings describe: this machine, or a mobile-like profile.
-    BenchTarget { Host => "host", Mobile => "mobile" }
-);
+pub use crate::runtime::{BackendKind as Backend, Device, Target as BenchTarget};
 
 /// Serde defaults, one function per documented default.
 mod d {

@@ -1015,8 +1015,13 @@ fn recipe_dataset_shorthand_and_empty_stage() {
         "  train: ../fixtures/digits_train.npz",
     );
     let r = p.load(&text, &[]).unwrap();
-    assert_eq!(r.datasets["train"].preprocess, crate::data::Preprocess::default());
-    assert!(r.datasets["train"].path.ends_with("fixtures/digits_train.npz"));
+    assert_eq!(
+        r.datasets["train"].preprocess,
+        crate::data::Preprocess::default()
+    );
+    assert!(r.datasets["train"]
+        .path
+        .ends_with("fixtures/digits_train.npz"));
 
     // `gate:` with nothing under it is reported, not dropped.
     let text = QUICKSTART.replace(
@@ -1024,6 +1029,9 @@ fn recipe_dataset_shorthand_and_empty_stage() {
         "",
     );
     let (e, _) = p.fail(&text, &[]);
-    assert_eq!((e.field.as_str(), e.message.as_str()), ("stages.gate", "missing required key `report`"));
+    assert_eq!(
+        (e.field.as_str(), e.message.as_str()),
+        ("stages.gate", "missing required key `report`")
+    );
     assert_eq!(at(&e), (25, 3));
 }

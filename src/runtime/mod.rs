@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "backends")]
 pub mod ort;
+#[cfg(feature = "backends")]
 pub mod tract;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
@@ -102,17 +104,36 @@ pub trait Session {
 }
 
 /// Opens a session for `model` (ONNX bytes) with a fixed input shape (batch included).
-pub fn open(model: &[u8], input_shape: &[usize], opts: &RuntimeOptions) -> Result<Box<dyn Session>> {
+pub fn open(
+    model: &[u8],
+    input_shape: &[usize],
+    opts: &RuntimeOptions,
+) -> Result<Box<dyn Session>> {
+    #[cfg(feature = "backends")]
     match opts.backend {
-        BackendKind::Tract => Ok(Box::new(tract::TractSession::open(model, input_shape, opts)?)),
+        BackendKind::Tract => Ok(Box::new(tract::TractSession::open(
+            model,
+            input_shape,
+            opts,
+        )?)),
         BackendKind::Ort => Ok(Box::new(ort::OrtSession::open(model, input_shape, opts)?)),
+    }
+    #[cfg(not(feature = "backends"))]
+    {
+        let _ = (model, input_shape);
+        anyhow::bail!(
+            "this build of shrink has no inference backends (`{}` needs the `backends` feature)",
+            opts.backend
+        )
     }
 }
 
 /// Threads to use when the user gave none: every core.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "backends"))]
 mod tests;

@@ -27,23 +27,39 @@ pub fn find_library(explicit: Option<&Path>) -> Result<LibraryLocation> {
         if !p.is_file() {
             return Err(anyhow!("--ort-lib {} does not exist", p.display())).hint(INSTALL_HINT);
         }
-        return Ok(LibraryLocation { path: p.to_path_buf(), source: "--ort-lib" });
+        return Ok(LibraryLocation {
+            path: p.to_path_buf(),
+            source: "--ort-lib",
+        });
     }
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            return Err(anyhow!("ORT_DYLIB_PATH={} does not exist", p.display())).hint(INSTALL_HINT);
+            return Err(anyhow!("ORT_DYLIB_PATH={} does not exist", p.display()))
+                .hint(INSTALL_HINT);
         }
-        return Ok(LibraryLocation { path: p, source: "ORT_DYLIB_PATH" });
+        return Ok(LibraryLocation {
+            path: p,
+            source: "ORT_DYLIB_PATH",
+        });
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         if let Some(p) = library_in(&dir) {
-            return Ok(LibraryLocation { path: p, source: "next to the executable" });
+            return Ok(LibraryLocation {
+                path: p,
+                source: "next to the executable",
+            });
         }
     }
     if let Some(dir) = python_package_dir() {
         if let Some(p) = library_in(&dir.join("capi")) {
-            return Ok(LibraryLocation { path: p, source: "the onnxruntime Python package" });
+            return Ok(LibraryLocation {
+                path: p,
+                source: "the onnxruntime Python package",
+            });
         }
     }
     Err(anyhow!("ONNX Runtime was not found (looked at --ort-lib, ORT_DYLIB_PATH, next to the executable, and the onnxruntime Python package)"))
@@ -59,9 +75,11 @@ fn library_in(dir: &Path) -> Option<PathBuf> {
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "libonnxruntime.dylib" || n == "onnxruntime.dll")
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libonnxruntime.so")
+                    || n == "libonnxruntime.dylib"
+                    || n == "onnxruntime.dll"
+            })
         })
         .collect();
     found.sort();
@@ -85,7 +103,9 @@ fn python_package_dir() -> Option<PathBuf> {
 }
 
 /// One environment per process (an `ort` rule); the first caller's library wins.
-static INIT: OnceLock<std::result::Result<(LibraryLocation, ort::environment::Environment), String>> = OnceLock::new();
+static INIT: OnceLock<
+    std::result::Result<(LibraryLocation, ort::environment::Environment), String>,
+> = OnceLock::new();
 
 /// Loads ONNX Runtime once; later calls return the same result.
 pub fn init(explicit: Option<&Path>) -> Result<(LibraryLocation, ort::environment::Environment)> {
@@ -98,15 +118,20 @@ pub fn init(explicit: Option<&Path>) -> Result<(LibraryLocation, ort::environmen
                 loc.source
             )
         })?;
-        let env = builder
-            .with_name("shrink")
-            .build()
-            .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}\nhint: {INSTALL_HINT}", loc.path.display()))?;
+        let env = builder.with_name("shrink").build().map_err(|e| {
+            format!(
+                "cannot start ONNX Runtime from {}: {e}\nhint: {INSTALL_HINT}",
+                loc.path.display()
+            )
+        })?;
         Ok((loc, env))
     });
     r.clone().map_err(|rendered| {
         // The rendered message already carries `error:`/`hint:` lines; keep its text.
-        let text = rendered.trim_start_matches("error: ").trim_end().to_string();
+        let text = rendered
+            .trim_start_matches("error: ")
+            .trim_end()
+            .to_string();
         anyhow!(text)
     })
 }
@@ -161,7 +186,10 @@ impl OrtSession {
             .context("ONNX Runtime cannot load the model")?;
         let inputs = session.inputs();
         if inputs.len() != 1 {
-            bail!("the model has {} inputs; shrink runs models with one image input", inputs.len());
+            bail!(
+                "the model has {} inputs; shrink runs models with one image input",
+                inputs.len()
+            );
         }
         let input_name = inputs[0].name().to_string();
         Ok(OrtSession {
@@ -179,7 +207,10 @@ impl OrtSession {
 }
 
 fn version_of(path: &Path) -> String {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     match name.strip_prefix("libonnxruntime.so.") {
         Some(v) if !v.is_empty() => v.to_string(),
         _ => ORT_VERSION.to_string(),

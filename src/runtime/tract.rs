@@ -19,7 +19,11 @@ fn tract_err(e: TractError) -> anyhow::Error {
 }
 
 impl TractSession {
-    pub fn open(model: &[u8], input_shape: &[usize], opts: &RuntimeOptions) -> Result<TractSession> {
+    pub fn open(
+        model: &[u8],
+        input_shape: &[usize],
+        opts: &RuntimeOptions,
+    ) -> Result<TractSession> {
         ensure!(
             opts.device != Device::Xnnpack,
             "the XNNPACK execution provider belongs to ONNX Runtime; use `--backend ort --device xnnpack`, or `--target mobile` for tract's mobile-class settings"
@@ -41,20 +45,35 @@ impl TractSession {
             .into_typed()
             .map_err(tract_err)
             .context("tract cannot analyse the model")?;
-        let (runnable, provider): (Box<dyn tract_onnx::tract_core::runtime::Runnable>, &str) = match opts.device {
-            Device::Cpu => (Box::new(typed.into_optimized().map_err(tract_err)?.into_runnable().map_err(tract_err)?), "tract-cpu"),
-            Device::Cuda => {
-                // Referencing the crate keeps its runtime registered in the binary.
-                let _ = std::any::type_name::<tract_cuda::CudaTransform>();
-                let rt = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
+        let (runnable, provider): (Box<dyn tract_onnx::tract_core::runtime::Runnable>, &str) =
+            match opts.device {
+                Device::Cpu => (
+                    Box::new(
+                        typed
+                            .into_optimized()
+                            .map_err(tract_err)?
+                            .into_runnable()
+                            .map_err(tract_err)?,
+                    ),
+                    "tract-cpu",
+                ),
+                Device::Cuda => {
+                    // Referencing the crate keeps its runtime registered in the binary.
+                    let _ = std::any::type_name::<tract_cuda::CudaTransform>();
+                    let rt = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
                     .map_err(tract_err)
                     .context("CUDA is not available to tract")
                     .hint("tract-cuda needs an NVIDIA driver (libcuda.so) and the CUDA runtime libraries on the library path; use `--device cpu` on machines without a GPU")?
                     .context("tract was built without its CUDA runtime")?;
-                (rt.prepare(typed).map_err(tract_err).context("tract-cuda cannot prepare the model")?, "tract-cuda")
-            }
-            Device::Xnnpack => bail!("unreachable: xnnpack refused above"),
-        };
+                    (
+                        rt.prepare(typed)
+                            .map_err(tract_err)
+                            .context("tract-cuda cannot prepare the model")?,
+                        "tract-cuda",
+                    )
+                }
+                Device::Xnnpack => bail!("unreachable: xnnpack refused above"),
+            };
         let state = runnable.spawn().map_err(tract_err)?;
         Ok(TractSession {
             state,
@@ -84,10 +103,19 @@ impl Session for TractSession {
             .context("tract failed to run the model")?;
         outs.into_iter()
             .map(|v| {
-                let t = v.into_tensor().cast_to::<f32>().map_err(tract_err)?.into_owned();
+                let t = v
+                    .into_tensor()
+                    .cast_to::<f32>()
+                    .map_err(tract_err)?
+                    .into_owned();
                 Ok(Output {
                     shape: t.shape().to_vec(),
-                    data: t.try_as_plain_ram().map_err(tract_err)?.as_slice::<f32>().map_err(tract_err)?.to_vec(),
+                    data: t
+                        .try_as_plain_ram()
+                        .map_err(tract_err)?
+                        .as_slice::<f32>()
+                        .map_err(tract_err)?
+                        .to_vec(),
                 })
             })
             .collect()

@@ -4,6 +4,7 @@
 use rayon::prelude::*;
 
 use super::{group_len, threads, PAR_MIN_ELEMS};
+use crate::engine::simd::multiversion;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BinOp {
@@ -61,7 +62,11 @@ impl Bcast {
     pub fn new(a: &[usize], b: &[usize]) -> Option<Bcast> {
         let out = crate::onnx::shape::broadcast(a, b)?;
         let r = out.len();
-        let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, r - s.len()).chain(s.iter().copied()).collect() };
+        let pad = |s: &[usize]| -> Vec<usize> {
+            std::iter::repeat_n(1, r - s.len())
+                .chain(s.iter().copied())
+                .collect()
+        };
         let (pa, pb) = (pad(a), pad(b));
         // Merge neighbouring axes with the same (a broadcast, b broadcast) pattern.
         let mut dims: Vec<(usize, bool, bool)> = Vec::new();
@@ -88,7 +93,14 @@ impl Bcast {
         };
         let sa = strides(|d| d.1);
         let sb = strides(|d| d.2);
-        Some(Bcast { a_shape: a.to_vec(), b_shape: b.to_vec(), out_shape: out, dims: dims.iter().map(|d| d.0).collect(), sa, sb })
+        Some(Bcast {
+            a_shape: a.to_vec(),
+            b_shape: b.to_vec(),
+            out_shape: out,
+            dims: dims.iter().map(|d| d.0).collect(),
+            sa,
+            sb,
+        })
     }
 
     pub fn out_len(&self) -> usize {
@@ -116,19 +128,34 @@ impl Bcast {
     }
 }
 
-/// `out = a op b` with broadcasting.
-pub fn forward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], out: &mut [f32]) {
-    let (len, sa, sb) = bc.inner();
-    let rows_per = rows_per_task(out.len(), len);
-    let run = |first: usize, chunk: &mut [f32]| {
+multiversion! {
+    /// Output rows `first..` of `a op b` into `chunk`.
+    fn forward_rows(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], first: usize, chunk: &mut [f32]) {
+        let (len, sa, sb) = bc.inner();
         for (i, row) in chunk.chunks_mut(len).enumerate() {
             let (oa, ob) = bc.row_offsets(first + i);
             macro_rules! rowloop {
                 ($op:expr) => {
                     match (sa, sb) {
-                        (0, _) => { let av = a[oa]; for (o, &bv) in row.iter_mut().zip(&b[ob..ob + len]) { *o = $op.apply(av, bv); } }
-                        (_, 0) => { let bv = b[ob]; for (o, &av) in row.iter_mut().zip(&a[oa..oa + len]) { *o = $op.apply(av, bv); } }
-                        _ => for ((o, &av), &bv) in row.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len]) { *o = $op.apply(av, bv); },
+                        (0, _) => {
+                            let av = a[oa];
+                            for (o, &bv) in row.iter_mut().zip(&b[ob..ob + len]) {
+                                *o = $op.apply(av, bv);
+                            }
+                        }
+                        (_, 0) => {
+                            let bv = b[ob];
+                            for (o, &av) in row.iter_mut().zip(&a[oa..oa + len]) {
+                                *o = $op.apply(av, bv);
+                            }
+                        }
+                        _ => {
+                            for ((o, &av), &bv) in
+                                row.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len])
+                            {
+                                *o = $op.apply(av, bv);
+                            }
+                        }
                     }
                 };
             }
@@ -139,13 +166,29 @@ pub fn forward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], out: &mut [f32]) {
                 BinOp::Div => rowloop!(BinOp::Div),
             }
         }
-    };
-    par_rows(out, len, rows_per, run);
+    }
+}
+
+/// `out = a op b` with broadcasting.
+pub fn forward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], out: &mut [f32]) {
+    let (len, _, _) = bc.inner();
+    let rows_per = rows_per_task(out.len(), len);
+    par_rows(out, len, rows_per, |first, chunk| {
+        forward_rows(op, bc, a, b, first, chunk)
+    });
 }
 
 /// Gradients of `a op b`: `da` and `db` (when asked for) are overwritten with `dy` times the
 /// partial derivative, summed over the axes along which that operand was broadcast.
-pub fn backward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], dy: &[f32], da: Option<&mut [f32]>, db: Option<&mut [f32]>) {
+pub fn backward(
+    op: BinOp,
+    bc: &Bcast,
+    a: &[f32],
+    b: &[f32],
+    dy: &[f32],
+    da: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+) {
     if let Some(da) = da {
         operand_grad(bc, dy, da, true, |av, bv| op.da(av, bv), a, b);
     }
@@ -154,7 +197,15 @@ pub fn backward(op: BinOp, bc: &Bcast, a: &[f32], b: &[f32], dy: &[f32], da: Opt
     }
 }
 
-fn operand_grad(bc: &Bcast, dy: &[f32], d: &mut [f32], for_a: bool, f: impl Fn(f32, f32) -> f32 + Sync, a: &[f32], b: &[f32]) {
+fn operand_grad(
+    bc: &Bcast,
+    dy: &[f32],
+    d: &mut [f32],
+    for_a: bool,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+    a: &[f32],
+    b: &[f32],
+) {
     let (len, sa, sb) = bc.inner();
     let full = d.len() == dy.len();
     if full {
@@ -195,15 +246,26 @@ fn operand_grad(bc: &Bcast, dy: &[f32], d: &mut [f32], for_a: bool, f: impl Fn(f
 
 fn rows_per_task(total: usize, len: usize) -> usize {
     let rows = total / len.max(1);
-    if total < PAR_MIN_ELEMS || threads() == 1 { rows.max(1) } else { group_len(rows, len) }
+    if total < PAR_MIN_ELEMS || threads() == 1 {
+        rows.max(1)
+    } else {
+        group_len(rows, len)
+    }
 }
 
-fn par_rows(out: &mut [f32], len: usize, rows_per: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+fn par_rows(
+    out: &mut [f32],
+    len: usize,
+    rows_per: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
     let chunk = (len * rows_per).max(1);
     if chunk >= out.len() {
         f(0, out);
     } else {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * rows_per, c));
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i * rows_per, c));
     }
 }
 
@@ -225,7 +287,9 @@ mod tests {
     /// Index of the operand element read for output index `idx` (NumPy rules).
     fn src(idx: &[usize], shape: &[usize]) -> usize {
         let off = idx.len() - shape.len();
-        shape.iter().enumerate().fold(0, |acc, (d, &s)| acc * s + if s == 1 { 0 } else { idx[off + d] })
+        shape.iter().enumerate().fold(0, |acc, (d, &s)| {
+            acc * s + if s == 1 { 0 } else { idx[off + d] }
+        })
     }
 
     fn naive(op: BinOp, a_shape: &[usize], b_shape: &[usize], a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -245,7 +309,14 @@ mod tests {
     }
 
     /// Analytic gradients by the same index mapping, summed over broadcast positions.
-    fn naive_grads(op: BinOp, a_shape: &[usize], b_shape: &[usize], a: &[f64], b: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    fn naive_grads(
+        op: BinOp,
+        a_shape: &[usize],
+        b_shape: &[usize],
+        a: &[f64],
+        b: &[f64],
+        dy: &[f64],
+    ) -> (Vec<f64>, Vec<f64>) {
         let out = crate::onnx::shape::broadcast(a_shape, b_shape).unwrap();
         let (mut da, mut db) = (vec![0.0; a.len()], vec![0.0; b.len()]);
         for i in 0..dy.len() {
@@ -265,11 +336,20 @@ mod tests {
     }
 
     fn shapes() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
-        prop::collection::vec((1usize..4, any::<bool>(), any::<bool>()), 0..5).prop_flat_map(|dims| {
-            let a: Vec<usize> = dims.iter().map(|&(d, ba, _)| if ba { 1 } else { d }).collect();
-            let b: Vec<usize> = dims.iter().map(|&(d, _, bb)| if bb { 1 } else { d }).collect();
-            (0..=a.len(), 0..=b.len()).prop_map(move |(ca, cb)| (a[ca..].to_vec(), b[cb..].to_vec()))
-        })
+        prop::collection::vec((1usize..4, any::<bool>(), any::<bool>()), 0..5).prop_flat_map(
+            |dims| {
+                let a: Vec<usize> = dims
+                    .iter()
+                    .map(|&(d, ba, _)| if ba { 1 } else { d })
+                    .collect();
+                let b: Vec<usize> = dims
+                    .iter()
+                    .map(|&(d, _, bb)| if bb { 1 } else { d })
+                    .collect();
+                (0..=a.len(), 0..=b.len())
+                    .prop_map(move |(ca, cb)| (a[ca..].to_vec(), b[cb..].to_vec()))
+            },
+        )
     }
 
     fn check(a_shape: &[usize], b_shape: &[usize], seed: u64) {
@@ -277,24 +357,57 @@ mod tests {
         let mut r = rng(seed);
         let a = rand_vec(&mut r, a_shape.iter().product());
         // Keep divisors away from zero.
-        let b: Vec<f32> = rand_vec(&mut r, b_shape.iter().product()).iter().map(|v| v.signum() * (0.5 + v.abs())).collect();
+        let b: Vec<f32> = rand_vec(&mut r, b_shape.iter().product())
+            .iter()
+            .map(|v| v.signum() * (0.5 + v.abs()))
+            .collect();
         let dy = rand_vec(&mut r, bc.out_len());
         for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div] {
             let mut y = vec![f32::NAN; bc.out_len()];
             forward(op, &bc, &a, &b, &mut y);
             let want = naive(op, a_shape, b_shape, &f64s(&a), &f64s(&b));
-            assert_close(&y, &want, 1e-6, 1e-6, &format!("{op:?} {a_shape:?} {b_shape:?}"));
+            assert_close(
+                &y,
+                &want,
+                1e-6,
+                1e-6,
+                &format!("{op:?} {a_shape:?} {b_shape:?}"),
+            );
             let mut da = vec![f32::NAN; a.len()];
             let mut db = vec![f32::NAN; b.len()];
             backward(op, &bc, &a, &b, &dy, Some(&mut da), Some(&mut db));
             let (na, nb) = naive_grads(op, a_shape, b_shape, &f64s(&a), &f64s(&b), &f64s(&dy));
-            assert_close(&da, &na, 1e-5, 1e-5, &format!("{op:?} da {a_shape:?} {b_shape:?}"));
-            assert_close(&db, &nb, 1e-5, 1e-5, &format!("{op:?} db {a_shape:?} {b_shape:?}"));
+            assert_close(
+                &da,
+                &na,
+                1e-5,
+                1e-5,
+                &format!("{op:?} da {a_shape:?} {b_shape:?}"),
+            );
+            assert_close(
+                &db,
+                &nb,
+                1e-5,
+                1e-5,
+                &format!("{op:?} db {a_shape:?} {b_shape:?}"),
+            );
             if bc.out_len() <= 256 {
                 let fa = numeric_grad(|av| naive(op, a_shape, b_shape, av, &f64s(&b)), &a, &dy);
                 let fb = numeric_grad(|bv| naive(op, a_shape, b_shape, &f64s(&a), bv), &b, &dy);
-                assert_close(&da, &fa, 1e-4, 1e-4, &format!("{op:?} da vs finite differences"));
-                assert_close(&db, &fb, 1e-4, 1e-4, &format!("{op:?} db vs finite differences"));
+                assert_close(
+                    &da,
+                    &fa,
+                    1e-4,
+                    1e-4,
+                    &format!("{op:?} da vs finite differences"),
+                );
+                assert_close(
+                    &db,
+                    &fb,
+                    1e-4,
+                    1e-4,
+                    &format!("{op:?} db vs finite differences"),
+                );
             }
         }
     }
@@ -308,7 +421,10 @@ mod tests {
 
     #[test]
     fn large_per_channel_and_same_shape() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         pool.install(|| {
             check(&[4, 16, 30, 30], &[1, 16, 1, 1], 1);
             check(&[4, 16, 30, 30], &[4, 16, 30, 30], 2);

@@ -12,14 +12,27 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 /// For every index `i` of a box of size `count`, copies (or adds, with `accumulate`)
 /// `src[src_base + i . src_strides]` to `dst[dst_base + i . dst_strides]`.
 #[allow(clippy::too_many_arguments)]
-pub fn copy_strided(count: &[usize], src: &[f32], src_base: isize, src_strides: &[isize], dst: &mut [f32], dst_base: isize, dst_strides: &[isize], accumulate: bool) {
+pub fn copy_strided(
+    count: &[usize],
+    src: &[f32],
+    src_base: isize,
+    src_strides: &[isize],
+    dst: &mut [f32],
+    dst_base: isize,
+    dst_strides: &[isize],
+    accumulate: bool,
+) {
     let r = count.len();
     if count.contains(&0) {
         return;
     }
     if r == 0 {
         let (s, d) = (src_base as usize, dst_base as usize);
-        if accumulate { dst[d] += src[s] } else { dst[d] = src[s] }
+        if accumulate {
+            dst[d] += src[s]
+        } else {
+            dst[d] = src[s]
+        }
         return;
     }
     let (len, ss, ds) = (count[r - 1], src_strides[r - 1], dst_strides[r - 1]);
@@ -39,7 +52,11 @@ pub fn copy_strided(count: &[usize], src: &[f32], src_base: isize, src_strides: 
         } else {
             for j in 0..len as isize {
                 let (s, d) = ((so + j * ss) as usize, (dof + j * ds) as usize);
-                if accumulate { dst[d] += src[s] } else { dst[d] = src[s] }
+                if accumulate {
+                    dst[d] += src[s]
+                } else {
+                    dst[d] = src[s]
+                }
             }
         }
         // Advance the odometer over the outer axes.
@@ -80,7 +97,11 @@ pub struct Range1 {
 /// `y = x[ranges]`.
 pub fn slice(x: &[f32], shape: &[usize], ranges: &[Range1], y: &mut [f32]) {
     let xs = istrides(shape);
-    let base: isize = ranges.iter().zip(&xs).map(|(r, s)| r.start as isize * s).sum();
+    let base: isize = ranges
+        .iter()
+        .zip(&xs)
+        .map(|(r, s)| r.start as isize * s)
+        .sum();
     let src: Vec<isize> = ranges.iter().zip(&xs).map(|(r, s)| r.step * s).collect();
     let count: Vec<usize> = ranges.iter().map(|r| r.count).collect();
     copy_strided(&count, x, base, &src, y, 0, &istrides(&count), false);
@@ -90,7 +111,11 @@ pub fn slice(x: &[f32], shape: &[usize], ranges: &[Range1], y: &mut [f32]) {
 pub fn slice_backward(dy: &[f32], shape: &[usize], ranges: &[Range1], dx: &mut [f32]) {
     dx.fill(0.0);
     let xs = istrides(shape);
-    let base: isize = ranges.iter().zip(&xs).map(|(r, s)| r.start as isize * s).sum();
+    let base: isize = ranges
+        .iter()
+        .zip(&xs)
+        .map(|(r, s)| r.start as isize * s)
+        .sum();
     let dst: Vec<isize> = ranges.iter().zip(&xs).map(|(r, s)| r.step * s).collect();
     let count: Vec<usize> = ranges.iter().map(|r| r.count).collect();
     copy_strided(&count, dy, 0, &istrides(&count), dx, base, &dst, true);
@@ -100,7 +125,9 @@ pub fn slice_backward(dy: &[f32], shape: &[usize], ranges: &[Range1], dx: &mut [
 /// the first input index kept, the first output index it lands on, and the count.
 fn pad_overlap(shape: &[usize], pads: &[i64]) -> (Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>) {
     let r = shape.len();
-    let out: Vec<usize> = (0..r).map(|d| (shape[d] as i64 + pads[d] + pads[d + r]).max(0) as usize).collect();
+    let out: Vec<usize> = (0..r)
+        .map(|d| (shape[d] as i64 + pads[d] + pads[d + r]).max(0) as usize)
+        .collect();
     let mut xin = vec![0; r];
     let mut yin = vec![0; r];
     let mut cnt = vec![0; r];

@@ -20,15 +20,27 @@ pub struct GemmGeom {
 
 impl GemmGeom {
     fn a<'a>(&self, a: &'a [f32]) -> Mat<'a> {
-        if self.trans_a { Mat::rows_t(a, self.m) } else { Mat::rows(a, self.k) }
+        if self.trans_a {
+            Mat::rows_t(a, self.m)
+        } else {
+            Mat::rows(a, self.k)
+        }
     }
     fn b<'a>(&self, b: &'a [f32]) -> Mat<'a> {
-        if self.trans_b { Mat::rows_t(b, self.k) } else { Mat::rows(b, self.n) }
+        if self.trans_b {
+            Mat::rows_t(b, self.k)
+        } else {
+            Mat::rows(b, self.n)
+        }
     }
 }
 
 fn t(m: Mat) -> Mat {
-    Mat { data: m.data, rs: m.cs, cs: m.rs }
+    Mat {
+        data: m.data,
+        rs: m.cs,
+        cs: m.rs,
+    }
 }
 
 pub fn gemm_forward(g: &GemmGeom, a: &[f32], b: &[f32], c: Option<&[f32]>, y: &mut [f32]) {
@@ -45,26 +57,89 @@ pub fn gemm_forward(g: &GemmGeom, a: &[f32], b: &[f32], c: Option<&[f32]>, y: &m
         }
         _ => false,
     };
-    matmul(g.m, g.n, g.k, y, g.n, g.a(a), g.b(b), g.alpha, acc, Par::Pool);
+    matmul(
+        g.m,
+        g.n,
+        g.k,
+        y,
+        g.n,
+        g.a(a),
+        g.b(b),
+        g.alpha,
+        acc,
+        Par::Pool,
+    );
 }
 
 /// Gradients of a Gemm; each requested output is overwritten.
-pub fn gemm_backward(g: &GemmGeom, a: &[f32], b: &[f32], dy: &[f32], da: Option<&mut [f32]>, db: Option<&mut [f32]>, dc: Option<&mut [f32]>) {
+pub fn gemm_backward(
+    g: &GemmGeom,
+    a: &[f32],
+    b: &[f32],
+    dy: &[f32],
+    da: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+    dc: Option<&mut [f32]>,
+) {
     let dym = Mat::rows(dy, g.n);
     if let Some(da) = da {
         if g.trans_a {
             // A is stored k x m: dA = alpha * op(B) @ dY^T.
-            matmul(g.k, g.m, g.n, da, g.m, g.b(b), t(dym), g.alpha, false, Par::Pool);
+            matmul(
+                g.k,
+                g.m,
+                g.n,
+                da,
+                g.m,
+                g.b(b),
+                t(dym),
+                g.alpha,
+                false,
+                Par::Pool,
+            );
         } else {
-            matmul(g.m, g.k, g.n, da, g.k, dym, t(g.b(b)), g.alpha, false, Par::Pool);
+            matmul(
+                g.m,
+                g.k,
+                g.n,
+                da,
+                g.k,
+                dym,
+                t(g.b(b)),
+                g.alpha,
+                false,
+                Par::Pool,
+            );
         }
     }
     if let Some(db) = db {
         if g.trans_b {
             // B is stored n x k: dB = alpha * dY^T @ op(A).
-            matmul(g.n, g.k, g.m, db, g.k, t(dym), g.a(a), g.alpha, false, Par::Pool);
+            matmul(
+                g.n,
+                g.k,
+                g.m,
+                db,
+                g.k,
+                t(dym),
+                g.a(a),
+                g.alpha,
+                false,
+                Par::Pool,
+            );
         } else {
-            matmul(g.k, g.n, g.m, db, g.n, t(g.a(a)), dym, g.alpha, false, Par::Pool);
+            matmul(
+                g.k,
+                g.n,
+                g.m,
+                db,
+                g.n,
+                t(g.a(a)),
+                dym,
+                g.alpha,
+                false,
+                Par::Pool,
+            );
         }
     }
     if let Some(dc) = dc {
@@ -96,8 +171,16 @@ impl MatMulGeom {
         if a.is_empty() || b.is_empty() {
             return None;
         }
-        let a2: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
-        let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+        let a2: Vec<usize> = if a.len() == 1 {
+            vec![1, a[0]]
+        } else {
+            a.to_vec()
+        };
+        let b2: Vec<usize> = if b.len() == 1 {
+            vec![b[0], 1]
+        } else {
+            b.to_vec()
+        };
         let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
         let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
         if k != k2 {
@@ -107,7 +190,11 @@ impl MatMulGeom {
         let batch = crate::onnx::shape::broadcast(ab, bb)?;
         let total: usize = batch.iter().product();
         let r = batch.len();
-        let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, r - s.len()).chain(s.iter().copied()).collect() };
+        let pad = |s: &[usize]| -> Vec<usize> {
+            std::iter::repeat_n(1, r - s.len())
+                .chain(s.iter().copied())
+                .collect()
+        };
         let (pa, pb) = (pad(ab), pad(bb));
         let offsets = (0..total)
             .map(|mut i| {
@@ -141,20 +228,49 @@ impl MatMulGeom {
 pub fn matmul_forward(g: &MatMulGeom, a: &[f32], b: &[f32], y: &mut [f32]) {
     let (mk, kn, mn) = (g.m * g.k, g.k * g.n, g.m * g.n);
     for (i, &(oa, ob)) in g.offsets.iter().enumerate() {
-        matmul(g.m, g.n, g.k, &mut y[i * mn..][..mn], g.n, Mat::rows(&a[oa * mk..][..mk], g.k), Mat::rows(&b[ob * kn..][..kn], g.n), 1.0, false, Par::Pool);
+        matmul(
+            g.m,
+            g.n,
+            g.k,
+            &mut y[i * mn..][..mn],
+            g.n,
+            Mat::rows(&a[oa * mk..][..mk], g.k),
+            Mat::rows(&b[ob * kn..][..kn], g.n),
+            1.0,
+            false,
+            Par::Pool,
+        );
     }
 }
 
 /// Gradients of a MatMul, summed over broadcast batch blocks in block order; each requested
 /// output is overwritten.
-pub fn matmul_backward(g: &MatMulGeom, a: &[f32], b: &[f32], dy: &[f32], da: Option<&mut [f32]>, db: Option<&mut [f32]>) {
+pub fn matmul_backward(
+    g: &MatMulGeom,
+    a: &[f32],
+    b: &[f32],
+    dy: &[f32],
+    da: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+) {
     let (mk, kn, mn) = (g.m * g.k, g.k * g.n, g.m * g.n);
     if let Some(da) = da {
         let mut seen = vec![false; da.len() / mk.max(1)];
         for (i, &(oa, ob)) in g.offsets.iter().enumerate() {
             let dym = Mat::rows(&dy[i * mn..][..mn], g.n);
             let bt = Mat::rows_t(&b[ob * kn..][..kn], g.n);
-            matmul(g.m, g.k, g.n, &mut da[oa * mk..][..mk], g.k, dym, bt, 1.0, seen[oa], Par::Pool);
+            matmul(
+                g.m,
+                g.k,
+                g.n,
+                &mut da[oa * mk..][..mk],
+                g.k,
+                dym,
+                bt,
+                1.0,
+                seen[oa],
+                Par::Pool,
+            );
             seen[oa] = true;
         }
     }
@@ -163,7 +279,18 @@ pub fn matmul_backward(g: &MatMulGeom, a: &[f32], b: &[f32], dy: &[f32], da: Opt
         for (i, &(oa, ob)) in g.offsets.iter().enumerate() {
             let dym = Mat::rows(&dy[i * mn..][..mn], g.n);
             let at = Mat::rows_t(&a[oa * mk..][..mk], g.k);
-            matmul(g.k, g.n, g.m, &mut db[ob * kn..][..kn], g.n, at, dym, 1.0, seen[ob], Par::Pool);
+            matmul(
+                g.k,
+                g.n,
+                g.m,
+                &mut db[ob * kn..][..kn],
+                g.n,
+                at,
+                dym,
+                1.0,
+                seen[ob],
+                Par::Pool,
+            );
             seen[ob] = true;
         }
     }
@@ -181,11 +308,20 @@ mod tests {
             for j in 0..g.n {
                 let mut s = 0.0;
                 for p in 0..g.k {
-                    let av = if g.trans_a { a[p * g.m + i] } else { a[i * g.k + p] };
-                    let bv = if g.trans_b { b[j * g.k + p] } else { b[p * g.n + j] };
+                    let av = if g.trans_a {
+                        a[p * g.m + i]
+                    } else {
+                        a[i * g.k + p]
+                    };
+                    let bv = if g.trans_b {
+                        b[j * g.k + p]
+                    } else {
+                        b[p * g.n + j]
+                    };
                     s += av * bv;
                 }
-                let cv = c[(if g.c_rows == 1 { 0 } else { i }) * g.c_cols + if g.c_cols == 1 { 0 } else { j }];
+                let cv = c[(if g.c_rows == 1 { 0 } else { i }) * g.c_cols
+                    + if g.c_cols == 1 { 0 } else { j }];
                 y[i * g.n + j] = g.alpha as f64 * s + g.beta as f64 * cv;
             }
         }
@@ -249,7 +385,10 @@ mod tests {
 
     #[test]
     fn matmul_shapes() {
-        assert_eq!(MatMulGeom::new(&[2, 1, 3, 4], &[5, 4, 6]).unwrap().1, vec![2, 5, 3, 6]);
+        assert_eq!(
+            MatMulGeom::new(&[2, 1, 3, 4], &[5, 4, 6]).unwrap().1,
+            vec![2, 5, 3, 6]
+        );
         assert_eq!(MatMulGeom::new(&[4], &[4, 6]).unwrap().1, vec![6]);
         assert_eq!(MatMulGeom::new(&[3, 4], &[4]).unwrap().1, vec![3]);
         assert!(MatMulGeom::new(&[3, 4], &[5, 6]).is_none());

@@ -39,12 +39,19 @@ pub(crate) fn group_len(items: usize, work_per_item: usize) -> usize {
 
 /// Calls `f(first_item, chunk)` for consecutive groups of items, where each item owns
 /// `per_item` values of `out`; groups run in parallel.
-pub(crate) fn for_each_group(out: &mut [f32], per_item: usize, group: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+pub(crate) fn for_each_group(
+    out: &mut [f32],
+    per_item: usize,
+    group: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
     let chunk = (per_item * group).max(1);
     if out.len() <= chunk {
         f(0, out);
     } else {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * group, c));
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i * group, c));
     }
 }
 
@@ -55,18 +62,27 @@ pub(crate) fn map_into(x: &[f32], y: &mut [f32], f: impl Fn(&[f32], &mut [f32]) 
     if chunk >= x.len() {
         f(x, y);
     } else {
-        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| f(x, y));
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(y, x)| f(x, y));
     }
 }
 
 /// `out[i] = f(a[i], b[i])` over chunks, in parallel for large inputs.
-pub(crate) fn zip_into(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send) {
+pub(crate) fn zip_into(
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync + Send,
+) {
     debug_assert!(a.len() == out.len() && b.len() == out.len());
     let chunk = elem_chunk(out.len());
     if chunk >= out.len() {
         f(a, b, out);
     } else {
-        out.par_chunks_mut(chunk).zip(a.par_chunks(chunk).zip(b.par_chunks(chunk))).for_each(|(o, (a, b))| f(a, b, o));
+        out.par_chunks_mut(chunk)
+            .zip(a.par_chunks(chunk).zip(b.par_chunks(chunk)))
+            .for_each(|(o, (a, b))| f(a, b, o));
     }
 }
 
@@ -82,9 +98,23 @@ fn elem_chunk(len: usize) -> usize {
 /// Range of output positions `o` in `0..out_len` whose input index `o * stride + offset`
 /// falls inside `0..in_len`.
 #[inline]
-pub(crate) fn valid_range(out_len: usize, stride: usize, offset: isize, in_len: usize) -> (usize, usize) {
-    let lo = if offset < 0 { ((-offset) as usize).div_ceil(stride) } else { 0 };
-    let hi = if (in_len as isize) <= offset { 0 } else { (in_len as isize - offset) as usize }.div_ceil(stride);
+pub(crate) fn valid_range(
+    out_len: usize,
+    stride: usize,
+    offset: isize,
+    in_len: usize,
+) -> (usize, usize) {
+    let lo = if offset < 0 {
+        ((-offset) as usize).div_ceil(stride)
+    } else {
+        0
+    };
+    let hi = if (in_len as isize) <= offset {
+        0
+    } else {
+        (in_len as isize - offset) as usize
+    }
+    .div_ceil(stride);
     let hi = hi.min(out_len);
     (lo.min(hi), hi)
 }
@@ -114,10 +144,17 @@ mod tests {
                 for offset in -5isize..6 {
                     for in_len in 0..8 {
                         let ok: Vec<usize> = (0..out_len)
-                            .filter(|&o| (0..in_len as isize).contains(&(o as isize * stride as isize + offset)))
+                            .filter(|&o| {
+                                (0..in_len as isize)
+                                    .contains(&(o as isize * stride as isize + offset))
+                            })
                             .collect();
                         let (lo, hi) = valid_range(out_len, stride, offset, in_len);
-                        assert_eq!((lo..hi).collect::<Vec<_>>(), ok, "{out_len} {stride} {offset} {in_len}");
+                        assert_eq!(
+                            (lo..hi).collect::<Vec<_>>(),
+                            ok,
+                            "{out_len} {stride} {offset} {in_len}"
+                        );
                     }
                 }
             }

@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::window::Phased;
 use super::{for_each_group, group_len};
+use crate::engine::simd::multiversion;
 
 /// Resolved pooling window over `n * c` planes of `h x w`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,41 +45,100 @@ impl PoolGeom {
 /// to. Works on stride-phase runs (see `window::Phased`) so the inner loops vectorise.
 pub fn max_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
     let (ohw, ihw) = (g.out_plane(), g.in_plane());
-    let ph = Phased::new(g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl);
+    let ph = Phased::new(
+        g.h, g.w, g.oh, g.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw, g.pt, g.pl,
+    );
     let group = group_len(g.planes(), ohw * g.kh * g.kw);
+    // Non-overlapping windows without padding (2x2 stride 2 and the like) read each input
+    // once; the phase layout would only add copies.
+    let tiled = g.kh == g.sh
+        && g.kw == g.sw
+        && g.dh == 1
+        && g.dw == 1
+        && g.pt == 0
+        && g.pl == 0
+        && g.oh * g.kh <= g.h
+        && g.ow * g.kw <= g.w;
     let run_group = |first: usize, ys: &mut [f32], am: &mut [u32]| {
+        if tiled {
+            for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
+                max_plane_tiled(g, &x[(first + i) * ihw..][..ihw], yp, ap);
+            }
+            return;
+        }
         let mut q = vec![0.0; ph.len()];
         let mut best = vec![0.0; ph.run()];
         let mut tap = vec![0u32; ph.run()];
-        let pl = ph.phase_len();
         for (i, (yp, ap)) in ys.chunks_mut(ohw).zip(am.chunks_mut(ohw)).enumerate() {
-            ph.scatter_input(&x[(first + i) * ihw..][..ihw], &mut q, f32::NEG_INFINITY);
-            let (p0, o0) = ph.taps[0];
-            best.copy_from_slice(&q[p0 * pl + o0..][..ph.run()]);
-            tap.fill(0);
-            for (t, &(phase, off)) in ph.taps.iter().enumerate().skip(1) {
-                for ((b, k), &v) in best.iter_mut().zip(tap.iter_mut()).zip(&q[phase * pl + off..][..ph.run()]) {
-                    if v > *b {
-                        *b = v;
-                        *k = t as u32;
-                    }
-                }
-            }
-            ph.extract(&best, yp);
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let (ro, co) = ph.tap_rc[tap[oy * ph.qw + ox] as usize];
-                    let (r, c) = ((oy * g.sh) as isize + ro, (ox * g.sw) as isize + co);
-                    ap[oy * g.ow + ox] = if r >= 0 && c >= 0 && (r as usize) < g.h && (c as usize) < g.w { (r as usize * g.w + c as usize) as u32 } else { u32::MAX };
-                }
-            }
+            max_plane(
+                g,
+                &ph,
+                &mut q,
+                &mut best,
+                &mut tap,
+                &x[(first + i) * ihw..][..ihw],
+                yp,
+                ap,
+            );
         }
     };
     let chunk = (ohw * group).max(1);
     if y.len() <= chunk {
         run_group(0, y, argmax);
     } else {
-        y.par_chunks_mut(chunk).zip(argmax.par_chunks_mut(chunk)).enumerate().for_each(|(i, (ys, am))| run_group(i * group, ys, am));
+        y.par_chunks_mut(chunk)
+            .zip(argmax.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(i, (ys, am))| run_group(i * group, ys, am));
+    }
+}
+
+multiversion! {
+    fn max_plane_tiled(g: &PoolGeom, x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let first = oy * g.kh * g.w + ox * g.kw;
+                let (mut best, mut at) = (x[first], first);
+                for ky in 0..g.kh {
+                    let row = (oy * g.kh + ky) * g.w + ox * g.kw;
+                    for (kx, &v) in x[row..row + g.kw].iter().enumerate() {
+                        if v > best {
+                            best = v;
+                            at = row + kx;
+                        }
+                    }
+                }
+                y[oy * g.ow + ox] = best;
+                argmax[oy * g.ow + ox] = at as u32;
+            }
+        }
+    }
+}
+
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn max_plane(g: &PoolGeom, ph: &Phased, q: &mut [f32], best: &mut [f32], tap: &mut [u32], x: &[f32], y: &mut [f32], argmax: &mut [u32]) {
+        let pl = ph.phase_len();
+        ph.scatter_input(x, q, f32::NEG_INFINITY);
+        let (p0, o0) = ph.taps[0];
+        best.copy_from_slice(&q[p0 * pl + o0..][..ph.run()]);
+        tap.fill(0);
+        for (t, &(phase, off)) in ph.taps.iter().enumerate().skip(1) {
+            for ((b, k), &v) in best.iter_mut().zip(tap.iter_mut()).zip(&q[phase * pl + off..][..ph.run()]) {
+                if v > *b {
+                    *b = v;
+                    *k = t as u32;
+                }
+            }
+        }
+        ph.extract(best, y);
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let (ro, co) = ph.tap_rc[tap[oy * ph.qw + ox] as usize];
+                let (r, c) = ((oy * g.sh) as isize + ro, (ox * g.sw) as isize + co);
+                argmax[oy * g.ow + ox] = if r >= 0 && c >= 0 && (r as usize) < g.h && (c as usize) < g.w { (r as usize * g.w + c as usize) as u32 } else { u32::MAX };
+            }
+        }
     }
 }
 
@@ -111,10 +171,19 @@ fn bounds(o: usize, s: usize, k: usize, p0: usize, p1: usize, n: usize) -> (usiz
     (lo, hi.max(lo), padded_len)
 }
 
-fn avg_divisor(g: &PoolGeom, oy: usize, ox: usize, count_include_pad: bool) -> (usize, usize, usize, usize, f32) {
+fn avg_divisor(
+    g: &PoolGeom,
+    oy: usize,
+    ox: usize,
+    count_include_pad: bool,
+) -> (usize, usize, usize, usize, f32) {
     let (y0, y1, ph) = bounds(oy, g.sh, g.kh, g.pt, g.pb, g.h);
     let (x0, x1, pw) = bounds(ox, g.sw, g.kw, g.pl, g.pr, g.w);
-    let count = if count_include_pad { ph * pw } else { (y1 - y0) * (x1 - x0) };
+    let count = if count_include_pad {
+        ph * pw
+    } else {
+        (y1 - y0) * (x1 - x0)
+    };
     (y0, y1, x0, x1, 1.0 / count.max(1) as f32)
 }
 
@@ -192,7 +261,15 @@ mod tests {
     use crate::engine::testutil::*;
     use proptest::prelude::*;
 
-    fn window_out(n: usize, k: usize, s: usize, d: usize, p0: usize, p1: usize, ceil: bool) -> Option<usize> {
+    fn window_out(
+        n: usize,
+        k: usize,
+        s: usize,
+        d: usize,
+        p0: usize,
+        p1: usize,
+        ceil: bool,
+    ) -> Option<usize> {
         let eff = (k - 1) * d + 1;
         let span = n + p0 + p1;
         if span < eff {
@@ -200,7 +277,11 @@ mod tests {
         }
         Some(if ceil {
             let o = (span - eff).div_ceil(s) + 1;
-            if (o - 1) * s >= n + p0 { o - 1 } else { o }
+            if (o - 1) * s >= n + p0 {
+                o - 1
+            } else {
+                o
+            }
         } else {
             (span - eff) / s + 1
         })
@@ -249,7 +330,11 @@ mod tests {
                             cnt += 1;
                         }
                     }
-                    y[p * g.out_plane() + oy * g.ow + ox] = s / if include { pool as f64 } else { cnt.max(1) as f64 };
+                    y[p * g.out_plane() + oy * g.ow + ox] = s / if include {
+                        pool as f64
+                    } else {
+                        cnt.max(1) as f64
+                    };
                 }
             }
         }
@@ -257,17 +342,43 @@ mod tests {
     }
 
     fn strategy() -> impl Strategy<Value = (PoolGeom, bool)> {
-        ((1usize..3, 1usize..4, 1usize..9, 1usize..9), (1usize..4, 1usize..4, 1usize..3, 1usize..3, 1usize..3),
-            (0usize..2, 0usize..2, 0usize..2, 0usize..2, any::<bool>()))
-            .prop_filter_map("window does not fit", |((n, c, h, w), (kh, kw, sh, sw, d), (pt, pl, pb, pr, ceil))| {
-                // ONNX and PyTorch require pads smaller than the kernel.
-                if pt >= kh || pb >= kh || pl >= kw || pr >= kw {
-                    return None;
-                }
-                let oh = window_out(h, kh, sh, d, pt, pb, ceil)?;
-                let ow = window_out(w, kw, sw, d, pl, pr, ceil)?;
-                Some((PoolGeom { n, c, h, w, kh, kw, sh, sw, dh: d, dw: d, pt, pl, pb, pr, oh, ow }, ceil))
-            })
+        (
+            (1usize..3, 1usize..4, 1usize..9, 1usize..9),
+            (1usize..4, 1usize..4, 1usize..3, 1usize..3, 1usize..3),
+            (0usize..2, 0usize..2, 0usize..2, 0usize..2, any::<bool>()),
+        )
+            .prop_filter_map(
+                "window does not fit",
+                |((n, c, h, w), (kh, kw, sh, sw, d), (pt, pl, pb, pr, ceil))| {
+                    // ONNX and PyTorch require pads smaller than the kernel.
+                    if pt >= kh || pb >= kh || pl >= kw || pr >= kw {
+                        return None;
+                    }
+                    let oh = window_out(h, kh, sh, d, pt, pb, ceil)?;
+                    let ow = window_out(w, kw, sw, d, pl, pr, ceil)?;
+                    Some((
+                        PoolGeom {
+                            n,
+                            c,
+                            h,
+                            w,
+                            kh,
+                            kw,
+                            sh,
+                            sw,
+                            dh: d,
+                            dw: d,
+                            pt,
+                            pl,
+                            pb,
+                            pr,
+                            oh,
+                            ow,
+                        },
+                        ceil,
+                    ))
+                },
+            )
     }
 
     proptest! {

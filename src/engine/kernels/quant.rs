@@ -21,7 +21,10 @@ impl QuantGeom {
             for k in 0..self.len {
                 let (s, z) = (self.scale[k], self.zero_point[k]);
                 let base = (o * self.len + k) * self.inner;
-                for (d, &v) in y[base..base + self.inner].iter_mut().zip(&x[base..base + self.inner]) {
+                for (d, &v) in y[base..base + self.inner]
+                    .iter_mut()
+                    .zip(&x[base..base + self.inner])
+                {
                     *d = f(v, s, z);
                 }
             }
@@ -33,7 +36,9 @@ impl QuantGeom {
 /// (the division in f32).
 pub fn quantize(g: &QuantGeom, x: &[f32], y: &mut [f32]) {
     let (lo, hi) = (g.qmin, g.qmax);
-    g.for_each(x, y, |v, s, z| ((v / s).round_ties_even() + z).clamp(lo, hi));
+    g.for_each(x, y, |v, s, z| {
+        ((v / s).round_ties_even() + z).clamp(lo, hi)
+    });
 }
 
 /// `y = (x - zero_point) * scale`.
@@ -49,11 +54,24 @@ mod tests {
 
     #[test]
     fn rounds_half_to_even_and_saturates() {
-        let g = QuantGeom { outer: 1, len: 1, inner: 6, scale: vec![0.5], zero_point: vec![10.0], qmin: 0.0, qmax: 255.0 };
+        let g = QuantGeom {
+            outer: 1,
+            len: 1,
+            inner: 6,
+            scale: vec![0.5],
+            zero_point: vec![10.0],
+            qmin: 0.0,
+            qmax: 255.0,
+        };
         let mut y = vec![0.0; 6];
         quantize(&g, &[0.25, 0.75, -0.25, 1000.0, -1000.0, 1.25], &mut y);
         assert_eq!(y, vec![10.0, 12.0, 10.0, 255.0, 0.0, 12.0]);
-        let g8 = QuantGeom { qmin: -128.0, qmax: 127.0, zero_point: vec![0.0], ..g };
+        let g8 = QuantGeom {
+            qmin: -128.0,
+            qmax: 127.0,
+            zero_point: vec![0.0],
+            ..g
+        };
         quantize(&g8, &[-1000.0, 1000.0, -0.75, 0.0, 63.25, -64.25], &mut y);
         assert_eq!(y, vec![-128.0, 127.0, -2.0, 0.0, 126.0, -128.0]);
     }

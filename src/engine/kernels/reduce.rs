@@ -10,11 +10,21 @@ pub struct ReduceGeom {
 impl ReduceGeom {
     /// Number of outputs (the kept axes' product).
     pub fn out_len(&self) -> usize {
-        self.shape.iter().zip(&self.axes).filter(|(_, &r)| !r).map(|(&d, _)| d).product()
+        self.shape
+            .iter()
+            .zip(&self.axes)
+            .filter(|(_, &r)| !r)
+            .map(|(&d, _)| d)
+            .product()
     }
     /// Values averaged into each output.
     pub fn count(&self) -> usize {
-        self.shape.iter().zip(&self.axes).filter(|(_, &r)| r).map(|(&d, _)| d).product()
+        self.shape
+            .iter()
+            .zip(&self.axes)
+            .filter(|(_, &r)| r)
+            .map(|(&d, _)| d)
+            .product()
     }
     /// Stride into the output of each input axis (0 for reduced axes).
     fn out_strides(&self) -> Vec<usize> {

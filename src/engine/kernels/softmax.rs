@@ -16,7 +16,9 @@ fn lanes(g: &SoftmaxGeom) -> impl Iterator<Item = (usize, usize)> + '_ {
 pub fn forward(g: &SoftmaxGeom, log: bool, x: &[f32], y: &mut [f32]) {
     for (base, st) in lanes(g) {
         let at = |k: usize| base + k * st;
-        let mx = (0..g.len).map(|k| x[at(k)]).fold(f32::NEG_INFINITY, f32::max);
+        let mx = (0..g.len)
+            .map(|k| x[at(k)])
+            .fold(f32::NEG_INFINITY, f32::max);
         let sum: f64 = (0..g.len).map(|k| ((x[at(k)] - mx) as f64).exp()).sum();
         if log {
             let ls = sum.ln() as f32;

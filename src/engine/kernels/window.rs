@@ -29,7 +29,20 @@ pub struct Phased {
 
 impl Phased {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(h: usize, w: usize, oh: usize, ow: usize, kh: usize, kw: usize, sh: usize, sw: usize, dh: usize, dw: usize, pt: usize, pl: usize) -> Phased {
+    pub fn new(
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+        kh: usize,
+        kw: usize,
+        sh: usize,
+        sw: usize,
+        dh: usize,
+        dw: usize,
+        pt: usize,
+        pl: usize,
+    ) -> Phased {
         let rows = (oh.max(1) - 1) * sh + (kh - 1) * dh + 1;
         let cols = (ow.max(1) - 1) * sw + (kw - 1) * dw + 1;
         // One spare row: scratch lanes of the last output row read past the last used row.
@@ -44,7 +57,20 @@ impl Phased {
                 tap_rc.push((ry as isize - pt as isize, rx as isize - pl as isize));
             }
         }
-        Phased { h, w, oh, ow, sh, sw, pt, pl, qh, qw, taps, tap_rc }
+        Phased {
+            h,
+            w,
+            oh,
+            ow,
+            sh,
+            sw,
+            pt,
+            pl,
+            qh,
+            qw,
+            taps,
+            tap_rc,
+        }
     }
 
     /// Values per phase plane.
@@ -64,6 +90,7 @@ impl Phased {
     }
 
     /// Splits an input plane into phases, `fill` where the window reads padding.
+    #[inline]
     pub fn scatter_input(&self, x: &[f32], q: &mut [f32], fill: f32) {
         let pl = self.phase_len();
         for a in 0..self.sh {
@@ -98,6 +125,7 @@ impl Phased {
 
     /// Inverse of `scatter_input` for gradients: `dx[r][c]` takes the phase value its input
     /// position maps to (0 where no window reads it).
+    #[inline]
     pub fn gather_input(&self, q: &[f32], dx: &mut [f32]) {
         let pl = self.phase_len();
         for r in 0..self.h {
@@ -108,15 +136,31 @@ impl Phased {
                 row.fill(0.0);
                 continue;
             }
-            for (c, d) in row.iter_mut().enumerate() {
-                let pc = c + self.pl;
-                let (b, j) = (pc % self.sw, pc / self.sw);
-                *d = if j < self.qw { q[(a * self.sw + b) * pl + i * self.qw + j] } else { 0.0 };
+            for b in 0..self.sw {
+                let src = &q[(a * self.sw + b) * pl + i * self.qw..][..self.qw];
+                // Columns c = j*sw + b - pl of this phase; the others belong to other phases.
+                let off = b as isize - self.pl as isize;
+                let (lo, hi) = valid_range(self.qw, self.sw, off, self.w);
+                if self.sw == 1 {
+                    row.fill(0.0);
+                    if lo < hi {
+                        let s = (lo as isize + off) as usize;
+                        row[s..s + hi - lo].copy_from_slice(&src[lo..hi]);
+                    }
+                } else {
+                    if b == 0 {
+                        row.fill(0.0);
+                    }
+                    for j in lo..hi {
+                        row[(j as isize * self.sw as isize + off) as usize] = src[j];
+                    }
+                }
             }
         }
     }
 
     /// Copies the `oh x ow` outputs out of a scratch run.
+    #[inline]
     pub fn extract(&self, run: &[f32], y: &mut [f32]) {
         for oy in 0..self.oh {
             y[oy * self.ow..][..self.ow].copy_from_slice(&run[oy * self.qw..][..self.ow]);
@@ -124,11 +168,94 @@ impl Phased {
     }
 
     /// Lays `oh x ow` outputs (a gradient) out as a scratch run with zero scratch lanes.
+    #[inline]
     pub fn spread(&self, y: &[f32], run: &mut [f32]) {
         for oy in 0..self.oh {
             let row = &mut run[oy * self.qw..][..self.qw];
             row[..self.ow].copy_from_slice(&y[oy * self.ow..][..self.ow]);
             row[self.ow..].fill(0.0);
+        }
+    }
+}
+
+/// Unit-stride windows whose output rows are as wide as the input rows (`ow == w`, e.g. 3x3
+/// with padding 1): output `i` of a tap reads input `i + shift` of the flat plane, so each
+/// tap is one contiguous run over the plane with no copy into phases. The outputs near the
+/// left or right edge would read the neighbouring row instead of padding; reading from a copy
+/// of the plane with those columns zeroed (`mask_input`, or `mask_output` on the gradient
+/// side) makes them read zeros.
+#[derive(Debug, Clone)]
+pub struct Flat {
+    pub w: usize,
+    /// Values per input plane and per output plane.
+    pub in_len: usize,
+    pub out_len: usize,
+    pub taps: Vec<FlatTap>,
+    /// The distinct non-zero column offsets; `FlatTap::mask` indexes this list.
+    pub masks: Vec<isize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct FlatTap {
+    pub shift: isize,
+    /// Output positions `lo..hi` read inside the plane (empty when the tap only reads
+    /// padding).
+    pub lo: usize,
+    pub hi: usize,
+    pub mask: Option<usize>,
+}
+
+impl Flat {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(h: usize, w: usize, oh: usize, kh: usize, kw: usize, dh: usize, dw: usize, pt: usize, pl: usize) -> Flat {
+        let (in_len, out_len) = (h * w, oh * w);
+        let mut masks: Vec<isize> = Vec::new();
+        let mut taps = Vec::with_capacity(kh * kw);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let offy = (ky * dh) as isize - pt as isize;
+                let offx = (kx * dw) as isize - pl as isize;
+                let (ylo, yhi) = valid_range(oh, 1, offy, h);
+                let shift = offy * w as isize + offx;
+                let (lo, hi) = if offx.unsigned_abs() >= w {
+                    (0, 0)
+                } else {
+                    let lo = ((ylo * w) as isize).max(-shift).min((yhi * w) as isize) as usize;
+                    let hi = ((yhi * w) as isize).min(in_len as isize - shift).max(lo as isize) as usize;
+                    (lo, hi)
+                };
+                let mask = (offx != 0 && lo < hi).then(|| match masks.iter().position(|&m| m == offx) {
+                    Some(i) => i,
+                    None => {
+                        masks.push(offx);
+                        masks.len() - 1
+                    }
+                });
+                taps.push(FlatTap { shift, lo, hi, mask });
+            }
+        }
+        Flat { w, in_len, out_len, taps, masks }
+    }
+
+    /// `src` (an input plane) with the columns that only wrapped-around reads of taps with
+    /// column offset `c` reach set to zero.
+    #[inline]
+    pub fn mask_input(&self, src: &[f32], c: isize, dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+        let (a, b) = if c < 0 { (self.w - c.unsigned_abs(), self.w) } else { (0, c as usize) };
+        for row in dst.chunks_mut(self.w) {
+            row[a..b].fill(0.0);
+        }
+    }
+
+    /// `src` (an output-gradient plane) with the outputs whose reads wrap around, for taps
+    /// with column offset `c`, set to zero.
+    #[inline]
+    pub fn mask_output(&self, src: &[f32], c: isize, dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+        let (a, b) = if c < 0 { (0, c.unsigned_abs()) } else { (self.w - c as usize, self.w) };
+        for row in dst.chunks_mut(self.w) {
+            row[a..b].fill(0.0);
         }
     }
 }
@@ -161,6 +288,26 @@ mod tests {
                 }
                 // Scratch lanes stay inside the phase plane.
                 prop_assert!(off + p.run() <= p.phase_len());
+            }
+            if s == 1 && ow == w {
+                let fl = Flat::new(h, w, oh, k, k, d, d, pt, pl);
+                for (t, tap) in fl.taps.iter().enumerate() {
+                    let (ky, kx) = (t / k, t % k);
+                    let mut src = x.clone();
+                    if let Some(m) = tap.mask {
+                        fl.mask_input(&x, fl.masks[m], &mut src);
+                    }
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let i = oy * ow + ox;
+                            let r = (oy + ky * d) as isize - pt as isize;
+                            let c = (ox + kx * d) as isize - pl as isize;
+                            let want = if r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w { x[r as usize * w + c as usize] } else { 0.0 };
+                            let got = if (tap.lo..tap.hi).contains(&i) { src[(i as isize + tap.shift) as usize] } else { 0.0 };
+                            prop_assert_eq!(got, want, "tap {} output ({}, {})", t, oy, ox);
+                        }
+                    }
+                }
             }
             let mut back = vec![f32::NAN; h * w];
             p.gather_input(&q, &mut back);

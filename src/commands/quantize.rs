@@ -1,0 +1,451 @@
+//! `shrink quantize MODEL --calib DATA --out OUT.onnx`: int8 post-training quantization.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use serde::Serialize;
+
+use super::reporters::BarReporter;
+use super::ExitStatus;
+use crate::bench::measure::{accuracy_of, sample_shape};
+use crate::data::{Dataset, Preprocess};
+use crate::onnx::Model;
+use crate::quant::calib::{Method, RangeOptions, DEFAULT_PERCENTILE};
+use crate::quant::prepare::{prepare, Prepared};
+use crate::quant::qdq::{
+    quantize, sensitivity, QuantOptions, QuantProgress, QuantReport, QuantTarget, Runner,
+};
+use crate::quant::QType;
+use crate::runtime::{self, BackendKind, RuntimeOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum ActivationType {
+    /// uint8, asymmetric (zero point anywhere in 0..=255).
+    #[default]
+    U8,
+    /// int8, symmetric (zero point 0).
+    I8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Qdq,
+    Qoperator,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuantizeArgs {
+    /// The float ONNX model.
+    pub model: PathBuf,
+    /// Representative inputs for calibration (npz, IDX or image folder).
+    #[arg(long, value_name = "DATA")]
+    pub calib: PathBuf,
+    /// Where to write the quantized model.
+    #[arg(long, value_name = "OUT.onnx")]
+    pub out: PathBuf,
+    /// How activation ranges are chosen: auto picks, per tensor, the method with the lowest
+    /// estimated quantization error.
+    #[arg(long, default_value = "auto", value_parser = parse_method)]
+    pub method: Method,
+    /// Percentile for `--method percentile`.
+    #[arg(long, default_value_t = DEFAULT_PERCENTILE)]
+    pub percentile: f64,
+    /// One scale per weight tensor instead of one per output channel.
+    #[arg(long)]
+    pub per_tensor: bool,
+    #[arg(long, value_enum, default_value_t = ActivationType::U8)]
+    pub activation_type: ActivationType,
+    /// Output form: QuantizeLinear/DequantizeLinear pairs around float ops (qdq), or integer
+    /// operators QLinearConv/QLinearMatMul (qoperator).
+    #[arg(long, value_enum, default_value_t = Format::Qdq)]
+    pub format: Format,
+    /// The runtime the model is meant for; applies its rules (symmetry, which ops).
+    #[arg(long, value_enum, default_value_t = QuantTarget::Ort)]
+    pub target: QuantTarget,
+    /// Calibration samples, drawn with --seed.
+    #[arg(long, default_value_t = 300)]
+    pub calib_samples: usize,
+    /// Keep these nodes in float (comma-separated node names).
+    #[arg(long, value_delimiter = ',', value_name = "NODE,..")]
+    pub exclude: Vec<String>,
+    /// Keep every node of these op types in float.
+    #[arg(long, value_delimiter = ',', value_name = "OP,..")]
+    pub exclude_op: Vec<String>,
+    /// Skip bias correction (on by default).
+    #[arg(long)]
+    pub no_bias_correction: bool,
+    /// Cross-layer equalization of Conv → ReLU → Conv pairs before quantizing (helps
+    /// depthwise-separable nets whose channels have very different ranges).
+    #[arg(long)]
+    pub equalize: bool,
+    /// Labelled data to measure accuracy before and after.
+    #[arg(long, value_name = "DATA")]
+    pub eval: Option<PathBuf>,
+    /// With --eval: return the most sensitive layers to float until top-1 drops at most
+    /// this many points.
+    #[arg(long, value_name = "POINTS", requires = "eval")]
+    pub max_accuracy_drop: Option<f64>,
+    /// Write the quantization report (JSON) here; a Markdown version goes next to it.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+    /// Also write the prepared float model (BN folded, opset raised) here, for debugging.
+    #[arg(long, value_name = "PATH")]
+    pub save_prepared: Option<PathBuf>,
+    #[command(flatten)]
+    pub preprocess: Preprocess,
+    /// Backend that runs the calibration passes.
+    #[arg(long, value_enum, default_value_t = BackendKind::Tract)]
+    pub calib_backend: BackendKind,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
+}
+
+/// Calibration through a runtime session over a seeded subset of the dataset.
+struct DatasetRunner<'a> {
+    ds: &'a Dataset,
+    indices: Vec<usize>,
+    rt: RuntimeOptions,
+    batch: usize,
+    bar: &'a BarReporter,
+}
+
+impl Runner for DatasetRunner<'_> {
+    fn run(
+        &mut self,
+        model: &Model,
+        sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let bytes = prost::Message::encode_to_vec(&model.to_proto());
+        let names: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+        let [c, h, w] = self.ds.sample_shape();
+        let batch = calibration_batch(model, self.batch);
+        let mut sessions: Vec<(usize, Box<dyn runtime::Session>)> = Vec::new();
+        let rt = self.rt.clone();
+        self.bar.start("calibrating", self.indices.len() as u64);
+        self.ds.for_each_subset_batch(&self.indices, batch, |b| {
+            let n = b.shape[0];
+            let s = match sessions.iter().position(|(k, _)| *k == n) {
+                Some(i) => &mut sessions[i].1,
+                None => {
+                    sessions.push((
+                        n,
+                        runtime::open(&bytes, &[n, c, h, w], &rt)
+                            .context("cannot run the model for calibration")?,
+                    ));
+                    &mut sessions.last_mut().expect("pushed").1
+                }
+            };
+            let outs = s.run(&b.x)?;
+            ensure!(
+                outs.len() == names.len(),
+                "the calibration model returned {} outputs for {} requested",
+                outs.len(),
+                names.len()
+            );
+            for (name, o) in names.iter().zip(&outs) {
+                sink(name, &o.shape, &o.data)?;
+            }
+            self.bar.advance(n as u64);
+            Ok(())
+        })?;
+        self.bar.done();
+        Ok(())
+    }
+}
+
+/// Calibration batch size: at most `max`, and small enough that one batch of every requested
+/// output stays near 128 MiB (the runtime holds them all at once), so calibrating ResNet-size
+/// models does not need gigabytes.
+fn calibration_batch(model: &Model, max: usize) -> usize {
+    const BUDGET: usize = 128 << 20;
+    let per_sample = crate::onnx::shape::input_shapes(&model.graph, 1)
+        .and_then(|s| crate::onnx::shape::infer(&model.graph, &s))
+        .map(|s| {
+            model
+                .graph
+                .outputs
+                .iter()
+                .filter_map(|o| s.shapes.get(&o.name))
+                .map(|d| d.iter().product::<usize>() * 4)
+                .sum::<usize>()
+        })
+        .unwrap_or(0);
+    if per_sample == 0 {
+        return max;
+    }
+    (BUDGET / per_sample).clamp(1, max)
+}
+
+impl QuantProgress for BarReporter {
+    fn pass(&self, label: &str) {
+        crate::printer::info(format!("{label}..."));
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Sensitivity {
+    node: String,
+    /// 1 is the most sensitive.
+    rank: usize,
+    output_sqnr_db: f64,
+    kept_float: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct FullReport<'a> {
+    schema: &'static str,
+    model: String,
+    out: String,
+    size_before_bytes: u64,
+    size_after_bytes: u64,
+    size_ratio: f64,
+    calib: String,
+    calib_samples: usize,
+    seed: u64,
+    prepared: &'a Prepared,
+    accuracy_before_top1: Option<f64>,
+    accuracy_after_top1: Option<f64>,
+    accuracy_drop_pts: Option<f64>,
+    kept_float_for_accuracy: Vec<String>,
+    qoperator: Option<crate::quant::qoperator::QOperatorReport>,
+    /// Filled by the accuracy-aware search: output SQNR with only that layer quantized.
+    sensitivity: Vec<Sensitivity>,
+    #[serde(flatten)]
+    quant: &'a QuantReport,
+}
+
+pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
+    let mut model = Model::load(&args.model)?;
+    let sample = sample_shape(&model)?;
+    let prepared = prepare(&mut model)
+        .with_context(|| format!("cannot prepare {} for quantization", args.model.display()))?;
+    if args.equalize {
+        let (pairs, skipped) = crate::quant::prepare::equalize_pairs(&mut model.graph)?;
+        crate::printer::info(format!("equalized {} conv pairs", pairs.len()));
+        if skipped > 0 {
+            crate::printer::warn(format!(
+                "{skipped} conv pairs are joined by Clip (ReLU6), which equalization would change; they were left alone"
+            ));
+        }
+    }
+    if let Some(p) = &args.save_prepared {
+        model.save(p)?;
+    }
+    ensure!(args.calib_samples > 0, "--calib-samples must be at least 1");
+    ensure!(
+        args.percentile > 0.0 && args.percentile <= 100.0,
+        "--percentile must be in (0, 100]"
+    );
+    let ds = Dataset::open(&args.calib, &args.preprocess, sample)
+        .context("cannot open the calibration data")?;
+    if ds.len() < args.calib_samples {
+        crate::printer::warn(format!(
+            "{} has {} samples; calibrating on all of them instead of {}",
+            args.calib.display(),
+            ds.len(),
+            args.calib_samples
+        ));
+    }
+    let rt = RuntimeOptions {
+        backend: args.calib_backend,
+        threads: args.threads.unwrap_or_else(runtime::default_threads),
+        ort_lib: args.ort_lib.clone(),
+        ..Default::default()
+    };
+    let bar = BarReporter::default();
+    let mut runner = DatasetRunner {
+        ds: &ds,
+        indices: ds.sample_indices(args.calib_samples, args.seed),
+        rt: rt.clone(),
+        batch: 32,
+        bar: &bar,
+    };
+    let mut opts = QuantOptions {
+        method: args.method,
+        range: RangeOptions {
+            percentile: args.percentile,
+            ..Default::default()
+        },
+        per_channel: !args.per_tensor,
+        activation: match args.activation_type {
+            ActivationType::U8 => QType::U8,
+            ActivationType::I8 => QType::I8,
+        },
+        target: args.target,
+        exclude_nodes: args.exclude.clone(),
+        exclude_ops: args.exclude_op.clone(),
+        bias_correction: !args.no_bias_correction,
+        only_nodes: None,
+    };
+    let (mut qmodel, mut report) = quantize(&model, &opts, &mut runner, &bar)?;
+    let mut before = None;
+    let mut after = None;
+    let mut kept = Vec::new();
+    let mut sensitivities = Vec::new();
+    if let Some(eval) = &args.eval {
+        let acc = |m: &Model| -> Result<f64> {
+            let bytes = prost::Message::encode_to_vec(&m.to_proto());
+            Ok(accuracy_of(&bytes, sample, eval, &args.preprocess, &rt)?.top1)
+        };
+        let b = acc(&model)?;
+        let mut a = acc(&qmodel)?;
+        if let Some(budget) = args
+            .max_accuracy_drop
+            .filter(|&budget| (b - a) * 100.0 > budget)
+        {
+            crate::printer::info(format!(
+                "top-1 drops {:.2} points (budget {budget}); ranking layers by sensitivity...",
+                (b - a) * 100.0
+            ));
+            let ranked = sensitivity(&model, &opts, &mut runner)?;
+            for (rank, (node, sqnr)) in ranked.iter().enumerate() {
+                sensitivities.push(Sensitivity {
+                    node: node.clone(),
+                    rank: rank + 1,
+                    output_sqnr_db: *sqnr,
+                    kept_float: false,
+                });
+            }
+            // Return the most sensitive layers to float, one at a time, until the budget holds.
+            for (node, _) in ranked {
+                if (b - a) * 100.0 <= budget {
+                    break;
+                }
+                if let Some(s) = sensitivities.iter_mut().find(|s| s.node == node) {
+                    s.kept_float = true;
+                }
+                opts.exclude_nodes.push(node.clone());
+                kept.push(node);
+                let (m, r) = quantize(&model, &opts, &mut runner, &bar)?;
+                a = acc(&m)?;
+                crate::printer::info(format!(
+                    "kept {} in float: top-1 {:.2}% (float {:.2}%)",
+                    kept.join(", "),
+                    a * 100.0,
+                    b * 100.0
+                ));
+                qmodel = m;
+                report = r;
+            }
+            if (b - a) * 100.0 > budget {
+                crate::printer::warn(format!(
+                    "with every weight layer in float the drop is still {:.2} points, over the {budget} point budget",
+                    (b - a) * 100.0
+                ));
+            }
+        }
+        before = Some(b);
+        after = Some(a);
+    }
+    let mut qoperator = None;
+    if args.format == Format::Qoperator {
+        let (m, r) = crate::quant::qoperator::to_qoperator(&qmodel)
+            .context("cannot convert the quantized model to QOperator form")?;
+        crate::printer::info(format!(
+            "QOperator: {} nodes became QLinear operators, {} float islands stay between QuantizeLinear/DequantizeLinear",
+            r.converted.len(),
+            r.qdq_islands.len()
+        ));
+        qmodel = m;
+        qoperator = Some(r);
+    }
+    qmodel
+        .save(&args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let size_before = std::fs::metadata(&args.model)?.len();
+    let size_after = std::fs::metadata(&args.out)?.len();
+    let full = FullReport {
+        schema: "shrink.quantize/1",
+        model: args.model.display().to_string(),
+        out: args.out.display().to_string(),
+        size_before_bytes: size_before,
+        size_after_bytes: size_after,
+        size_ratio: size_after as f64 / size_before as f64,
+        calib: args.calib.display().to_string(),
+        calib_samples: args.calib_samples.min(ds.len()),
+        seed: args.seed,
+        prepared: &prepared,
+        accuracy_before_top1: before,
+        accuracy_after_top1: after,
+        accuracy_drop_pts: before.zip(after).map(|(b, a)| (b - a) * 100.0),
+        kept_float_for_accuracy: kept,
+        qoperator,
+        sensitivity: sensitivities,
+        quant: &report,
+    };
+    let md = markdown(&full);
+    if let Some(p) = &args.report {
+        crate::util::write_atomic(p, serde_json::to_string_pretty(&full)?.as_bytes())?;
+        crate::util::write_atomic(&p.with_extension("md"), md.as_bytes())?;
+    }
+    print!("{md}");
+    Ok(ExitStatus::Success)
+}
+
+fn markdown(r: &FullReport) -> String {
+    let mut s = format!(
+        "**shrink quantize** — {} → {}: {} → {} bytes ({:.3}x), method {}, {} weights, {} activations, target {}\n\n",
+        r.model,
+        r.out,
+        r.size_before_bytes,
+        r.size_after_bytes,
+        r.size_ratio,
+        r.quant.method,
+        if r.quant.per_channel { "per-channel" } else { "per-tensor" },
+        r.quant.activation_type,
+        r.quant.target
+    );
+    if let (Some(b), Some(a)) = (r.accuracy_before_top1, r.accuracy_after_top1) {
+        s.push_str(&format!(
+            "top-1: float {:.2}%, int8 {:.2}% (drop {:.2} points)\n\n",
+            b * 100.0,
+            a * 100.0,
+            (b - a) * 100.0
+        ));
+    }
+    s.push_str(
+        "| layer | op | weight SQNR dB | bias correction (max abs) |\n|---|---|---:|---:|\n",
+    );
+    for l in &r.quant.layers {
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {} |\n",
+            l.node,
+            l.op,
+            l.weight_sqnr_db,
+            l.bias_correction_max_abs
+                .map(|v| format!("{v:.2e}"))
+                .unwrap_or_else(|| "–".into())
+        ));
+    }
+    s.push_str("\n| activation | method | observed | range | scale | zero point | est. SQNR dB |\n|---|---|---|---|---:|---:|---:|\n");
+    for a in &r.quant.activations {
+        s.push_str(&format!(
+            "| {} | {} | [{:.3}, {:.3}] | [{:.3}, {:.3}] | {:.3e} | {} | {:.1} |\n",
+            a.tensor,
+            a.method,
+            a.observed_min,
+            a.observed_max,
+            a.range_min,
+            a.range_max,
+            a.scale,
+            a.zero_point,
+            a.sqnr_db
+        ));
+    }
+    if !r.quant.float_nodes.is_empty() {
+        s.push_str(&format!(
+            "\nkept in float: {}\n",
+            r.quant.float_nodes.join(", ")
+        ));
+    }
+    s
+}
