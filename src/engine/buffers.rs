@@ -18,16 +18,18 @@ const MAX_FREE: usize = 512;
 
 fn take_from<T: Copy + Default>(list: &Mutex<Vec<Vec<T>>>, len: usize) -> Vec<T> {
     let mut free = list.lock().unwrap_or_else(|e| e.into_inner());
-    // Smallest buffer that holds `len` without growing.
+    // Prefer the shortest buffer already at least `len` long: truncating it writes nothing,
+    // while growing one (`resize`) zero-fills the extension.
     let mut best: Option<usize> = None;
     for (i, v) in free.iter().enumerate() {
-        if v.capacity() >= len && best.is_none_or(|b| v.capacity() < free[b].capacity()) {
+        if v.len() >= len && best.is_none_or(|b| v.len() < free[b].len()) {
             best = Some(i);
-            if v.capacity() == len {
+            if v.len() == len {
                 break;
             }
         }
     }
+    let best = best.or_else(|| free.iter().position(|v| v.capacity() >= len));
     match best {
         Some(i) => {
             let mut v = free.swap_remove(i);
@@ -108,9 +110,11 @@ mod tests {
         let v = b.take(3);
         assert_eq!(v, vec![2.0; 3]);
         assert_eq!(v.capacity(), 4);
+        b.give(v);
+        // The 3-long buffer is too short for 4 now; the 10-long one is taken instead.
+        assert_eq!(b.take(4), vec![1.0; 4]);
         let w = b.take(12);
         assert_eq!(w.len(), 12);
-        assert_eq!(b.take(10).len(), 10);
         assert_eq!(b.zeros(5), vec![0.0; 5]);
     }
 }

@@ -6,6 +6,7 @@
 //! inner loops branch-free and long enough to vectorise even on 4x4 planes.
 
 use super::valid_range;
+use crate::engine::simd::multiversion;
 
 #[derive(Debug, Clone)]
 pub struct Phased {
@@ -90,8 +91,18 @@ impl Phased {
     }
 
     /// Splits an input plane into phases, `fill` where the window reads padding.
-    #[inline]
     pub fn scatter_input(&self, x: &[f32], q: &mut [f32], fill: f32) {
+        scatter_input(self, x, q, fill)
+    }
+
+    /// Inverse of `scatter_input` for gradients: `dx[r][c]` takes the phase value its input
+    /// position maps to (0 where no window reads it).
+    pub fn gather_input(&self, q: &[f32], dx: &mut [f32]) {
+        gather_input(self, q, dx)
+    }
+
+    #[inline(always)]
+    fn scatter_input_impl(&self, x: &[f32], q: &mut [f32], fill: f32) {
         let pl = self.phase_len();
         for a in 0..self.sh {
             for b in 0..self.sw {
@@ -113,9 +124,16 @@ impl Phased {
                             let s = (lo as isize + off) as usize;
                             row[lo..hi].copy_from_slice(&src[s..s + hi - lo]);
                         }
-                    } else {
-                        for j in lo..hi {
-                            row[j] = src[(j as isize * self.sw as isize + off) as usize];
+                    } else if lo < hi {
+                        let st = (lo as isize * self.sw as isize + off) as usize;
+                        let s = &src[st..st + (hi - lo - 1) * self.sw + 1];
+                        match self.sw {
+                            2 => load_every::<2>(&mut row[lo..hi], s),
+                            sw => {
+                                for (k, d) in row[lo..hi].iter_mut().enumerate() {
+                                    *d = s[k * sw];
+                                }
+                            }
                         }
                     }
                 }
@@ -123,10 +141,8 @@ impl Phased {
         }
     }
 
-    /// Inverse of `scatter_input` for gradients: `dx[r][c]` takes the phase value its input
-    /// position maps to (0 where no window reads it).
-    #[inline]
-    pub fn gather_input(&self, q: &[f32], dx: &mut [f32]) {
+    #[inline(always)]
+    fn gather_input_impl(&self, q: &[f32], dx: &mut [f32]) {
         let pl = self.phase_len();
         for r in 0..self.h {
             let pr = r + self.pt;
@@ -151,8 +167,17 @@ impl Phased {
                     if b == 0 {
                         row.fill(0.0);
                     }
-                    for j in lo..hi {
-                        row[(j as isize * self.sw as isize + off) as usize] = src[j];
+                    if lo < hi {
+                        let st = (lo as isize * self.sw as isize + off) as usize;
+                        let d = &mut row[st..st + (hi - lo - 1) * self.sw + 1];
+                        match self.sw {
+                            2 => store_every::<2>(d, &src[lo..hi]),
+                            sw => {
+                                for (k, v) in src[lo..hi].iter().enumerate() {
+                                    d[k * sw] = *v;
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -175,6 +200,56 @@ impl Phased {
             row[..self.ow].copy_from_slice(&y[oy * self.ow..][..self.ow]);
             row[self.ow..].fill(0.0);
         }
+    }
+}
+
+/// Zeroes columns `a..b` of every row. A 3x3 kernel zeroes one column: a plain store per
+/// row, where `fill` would call `memset` for each.
+#[inline(always)]
+fn zero_columns(plane: &mut [f32], w: usize, a: usize, b: usize) {
+    if b == a + 1 {
+        for row in plane.chunks_exact_mut(w) {
+            row[a] = 0.0;
+        }
+    } else {
+        for row in plane.chunks_mut(w) {
+            row[a..b].fill(0.0);
+        }
+    }
+}
+
+/// `dst[k] = src[k * S]`, with `src` exactly `(dst.len() - 1) * S + 1` long. A constant
+/// stride over whole `[f32; S]` chunks lets LLVM vectorise the strided load.
+#[inline(always)]
+fn load_every<const S: usize>(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    let (chunks, _) = src[..(n - 1) * S].as_chunks::<S>();
+    for (d, c) in dst.iter_mut().zip(chunks) {
+        *d = c[0];
+    }
+    dst[n - 1] = src[(n - 1) * S];
+}
+
+/// `dst[k * S] = src[k]`, with `dst` exactly `(src.len() - 1) * S + 1` long.
+#[inline(always)]
+fn store_every<const S: usize>(dst: &mut [f32], src: &[f32]) {
+    let n = src.len();
+    let (chunks, _) = dst[..(n - 1) * S].as_chunks_mut::<S>();
+    for (c, v) in chunks.iter_mut().zip(src) {
+        c[0] = *v;
+    }
+    dst[(n - 1) * S] = src[n - 1];
+}
+
+multiversion! {
+    fn scatter_input(ph: &Phased, x: &[f32], q: &mut [f32], fill: f32) {
+        ph.scatter_input_impl(x, q, fill)
+    }
+}
+
+multiversion! {
+    fn gather_input(ph: &Phased, q: &[f32], dx: &mut [f32]) {
+        ph.gather_input_impl(q, dx)
     }
 }
 
@@ -243,9 +318,7 @@ impl Flat {
     pub fn mask_input(&self, src: &[f32], c: isize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
         let (a, b) = if c < 0 { (self.w - c.unsigned_abs(), self.w) } else { (0, c as usize) };
-        for row in dst.chunks_mut(self.w) {
-            row[a..b].fill(0.0);
-        }
+        zero_columns(dst, self.w, a, b);
     }
 
     /// `src` (an output-gradient plane) with the outputs whose reads wrap around, for taps
@@ -254,9 +327,7 @@ impl Flat {
     pub fn mask_output(&self, src: &[f32], c: isize, dst: &mut [f32]) {
         dst.copy_from_slice(src);
         let (a, b) = if c < 0 { (0, c.unsigned_abs()) } else { (self.w - c as usize, self.w) };
-        for row in dst.chunks_mut(self.w) {
-            row[a..b].fill(0.0);
-        }
+        zero_columns(dst, self.w, a, b);
     }
 }
 
