@@ -378,6 +378,16 @@ pub fn run(
             Some(v) => Some(train::evaluate(net.as_mut(), v, 256, &quiet)?),
             None => None,
         };
+        if let (Some(b), Some(a)) = (before, after) {
+            if a < b && !fit.stopped_early {
+                printer::warn(format!(
+                    "training lowered the validation accuracy from {:.1}% to {:.1}% (the best of its epochs); \
+                     for a model that is already trained, lower --lr or add --warmup-epochs",
+                    b * 100.0,
+                    a * 100.0
+                ));
+            }
+        }
         let out = if fit.stopped_early {
             None
         } else {
