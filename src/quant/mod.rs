@@ -18,6 +18,7 @@ pub use arith::{
 pub use calib::{Histogram, Method, RangeOptions, Selection, Target, TensorStats};
 pub use equalize::{bias_correction, equalize, ChannelMeans, Weight};
 
+pub mod fp16;
 mod patch;
 pub mod prepare;
 pub mod qdq;

@@ -218,3 +218,11 @@ pub fn onnx_check(paths: &[PathBuf]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `Cast(from) → to` with ONNX data type `to_type`.
+pub fn cast(from: &str, to: &str, to_type: i32) -> Node {
+    let mut n = node(&format!("{to}/Cast"), "Cast", &[from], &[to]);
+    n.attributes
+        .push(crate::onnx::ir::make_attr_int("to", i64::from(to_type)));
+    n
+}
