@@ -22,14 +22,19 @@ fn quantize(d: &Dir, model: &str, out: &str, extra: &[&str]) -> crate::util::Out
 }
 
 fn top1(d: &Dir, model: &str, backend: &str) -> f64 {
+    top1_of(d, model, backend, &[])
+}
+
+fn top1_of(d: &Dir, model: &str, backend: &str, extra: &[&str]) -> f64 {
     let json = format!("{backend}.json");
-    let out = d.run(&[
+    let data = fixture("digits_val.npz");
+    let mut args = vec![
         "bench",
         model,
         "--backend",
         backend,
         "--data",
-        &fixture("digits_val.npz"),
+        &data,
         "--iterations",
         "1",
         "--warmup",
@@ -39,7 +44,9 @@ fn top1(d: &Dir, model: &str, backend: &str) -> f64 {
         "1",
         "--json",
         &json,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = d.run(&args);
     assert_eq!(out.code, 0, "{}", out.stderr);
     BenchReport::load(&d.path(&json)).unwrap().models[0]
         .accuracy
@@ -329,4 +336,104 @@ fn qoperator_format_runs_in_ort_and_tract() {
         let acc = top1(&d, "q.onnx", backend);
         assert!(float - acc <= 0.005, "{backend}: {acc} vs float {float}");
     }
+}
+
+#[test]
+fn fp16_teacher_is_half_the_size_and_keeps_accuracy_in_ort_and_tract() {
+    let d = Dir::new();
+    let teacher = fixture("teacher_wide.onnx");
+    // No --calib: float16 conversion needs no calibration.
+    let out = d.run(&[
+        "quantize",
+        &teacher,
+        "--precision",
+        "fp16",
+        "--out",
+        "h.onnx",
+        "--eval",
+        &fixture("digits_val.npz"),
+        "--report",
+        "h.json",
+        "--threads",
+        "1",
+        // tract runs float16 through slow generic kernels on x86-64; ORT is quick here, and
+        // tract is checked below on part of the data.
+        "--calib-backend",
+        "ort",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let r: serde_json::Value = serde_json::from_str(&d.read("h.json")).unwrap();
+    let ratio = r["size_ratio"].as_f64().unwrap();
+    assert!(ratio < 0.55, "size ratio {ratio}");
+    assert!(r["keep_io_types"].as_bool().unwrap());
+    // Outputs compared on the --eval data when no --calib is given.
+    assert!(r["compared_samples"].as_u64().unwrap() > 0);
+    let diff = r["output_max_abs_diff"].as_f64().unwrap();
+    let scale = r["output_max_abs"].as_f64().unwrap();
+    assert!(diff > 0.0 && diff < 1e-2 * scale, "diff {diff} of {scale}");
+    let float = top1(&d, &teacher, "ort");
+    let half = top1(&d, "h.onnx", "ort");
+    assert!(float - half <= 0.002, "ort: fp16 {half} vs float {float}");
+    let limit = ["--limit", "200"];
+    let float = top1_of(&d, &teacher, "tract", &limit);
+    let half = top1_of(&d, "h.onnx", "tract", &limit);
+    assert!(float - half <= 0.005, "tract: fp16 {half} vs float {float}");
+    // The model's own inputs and outputs stay float32.
+    let m = shrink::onnx::Model::load(&d.path("h.onnx")).unwrap();
+    let f32_code = shrink::onnx::proto::tensor_proto::DataType::Float as i32;
+    assert!(m
+        .graph
+        .inputs
+        .iter()
+        .chain(&m.graph.outputs)
+        .all(|v| v.elem_type == f32_code));
+}
+
+#[test]
+fn fp16_io_makes_inputs_and_outputs_float16_and_int8_options_are_refused() {
+    let d = Dir::new();
+    let teacher = fixture("teacher.onnx");
+    let out = d.run(&[
+        "quantize",
+        &teacher,
+        "--precision",
+        "fp16",
+        "--fp16-io",
+        "--out",
+        "h.onnx",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let m = shrink::onnx::Model::load(&d.path("h.onnx")).unwrap();
+    let f16_code = shrink::onnx::proto::tensor_proto::DataType::Float16 as i32;
+    assert!(m
+        .graph
+        .inputs
+        .iter()
+        .chain(&m.graph.outputs)
+        .all(|v| v.elem_type == f16_code));
+
+    let out = d.run(&[
+        "quantize",
+        &teacher,
+        "--precision",
+        "fp16",
+        "--per-tensor",
+        "--out",
+        "x.onnx",
+    ]);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("--per-tensor applies to int8"),
+        "{}",
+        out.stderr
+    );
+    let out = d.run(&["quantize", &teacher, "--out", "x.onnx"]);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("needs calibration data"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--precision fp16"), "{}", out.stderr);
+    assert!(!d.path("x.onnx").exists());
 }

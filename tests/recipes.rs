@@ -61,3 +61,29 @@ fn a_failing_gate_exits_1_and_rerunning_does_not_retrain() {
         again.stderr
     );
 }
+
+#[test]
+fn an_fp16_quantize_stage_needs_no_calibration_and_feeds_bench() {
+    let d = Dir::new();
+    let recipe = format!(
+        "name: half\noutput: out\ninputs:\n  teacher: {t}\ndatasets:\n  val: {{ path: {val}, limit: 100 }}\nstages:\n  quantize:\n    model: ${{inputs.teacher}}\n    precision: fp16\n    eval: ${{datasets.val}}\n    report: fp16.json\n  bench:\n    models: [${{quantize.out}}]\n    data: ${{datasets.val}}\n    iterations: 3\n  gate:\n    report: ${{bench.report}}\n    budgets: {{ max_size_bytes: 380000, min_top1: 0.97 }}\n",
+        t = repo("fixtures/teacher_wide.onnx"),
+        val = repo("fixtures/digits_val.npz"),
+    );
+    d.write("half.yaml", recipe);
+    let out = d.run(&["run", "half.yaml"]);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    let r: serde_json::Value = serde_json::from_str(&d.read("out/fp16.json")).unwrap();
+    assert!(r["size_ratio"].as_f64().unwrap() < 0.55, "{r}");
+    assert!(r["accuracy_drop_pts"].as_f64().unwrap() <= 0.2, "{r}");
+
+    // fp16_io belongs to fp16 only: an int8 stage with it is refused before anything runs.
+    let bad = d.read("half.yaml").replace(
+        "precision: fp16",
+        "fp16_io: true\n    calibration: { data: ${datasets.val} }",
+    );
+    d.write("bad.yaml", bad);
+    let out = d.run(&["run", "bad.yaml", "--force"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("fp16_io"), "{}", out.stderr);
+}

@@ -1,7 +1,7 @@
 //! The stage executor behind `shrink run`: each recipe stage runs the same code as its
 //! subcommand, with the options the recipe gives.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use super::bench::BenchArgs;
 use super::gate::GateArgs;
@@ -61,20 +61,24 @@ fn bench_args(b: &BenchOptions) -> BenchArgs {
 
 fn quantize_args(q: &QuantizeOptions) -> Result<QuantizeArgs> {
     use crate::recipe::schema::{ActivationType as A, Precision, QuantFormat, QuantTarget as T};
-    let c = q
-        .calibration
-        .as_ref()
-        .context("the quantize stage needs `calibration: { data: ... }`")?;
-    anyhow::ensure!(
-        q.precision == Precision::Int8,
-        "precision `fp16` is not available in this build of shrink; use `int8`"
-    );
+    let c = q.calibration.as_ref();
+    if q.precision == Precision::Int8 {
+        anyhow::ensure!(
+            c.is_some(),
+            "the quantize stage needs `calibration: {{ data: ... }}`"
+        );
+    }
     Ok(QuantizeArgs {
         model: q.model.path.clone(),
-        calib: c.data.dataset.path.clone(),
+        calib: c.map(|c| c.data.dataset.path.clone()),
         out: q.out.path.clone(),
-        method: c.method.name().parse()?,
-        percentile: c.percentile,
+        method: c.map_or("auto", |c| c.method.name()).parse()?,
+        percentile: c.map_or(crate::quant::calib::DEFAULT_PERCENTILE, |c| c.percentile),
+        precision: match q.precision {
+            Precision::Int8 => super::quantize::Precision::Int8,
+            Precision::Fp16 => super::quantize::Precision::Fp16,
+        },
+        fp16_io: q.fp16_io,
         per_tensor: q.per_tensor,
         activation_type: match q.activation_type {
             A::U8 => super::quantize::ActivationType::U8,
@@ -89,7 +93,7 @@ fn quantize_args(q: &QuantizeOptions) -> Result<QuantizeArgs> {
             T::Tract => crate::quant::qdq::QuantTarget::Tract,
             T::Tensorrt => crate::quant::qdq::QuantTarget::Tensorrt,
         },
-        calib_samples: c.samples,
+        calib_samples: c.map_or(300, |c| c.samples),
         exclude: q.exclude.clone(),
         exclude_op: q.exclude_op.clone(),
         no_bias_correction: !q.bias_correction,
@@ -98,7 +102,11 @@ fn quantize_args(q: &QuantizeOptions) -> Result<QuantizeArgs> {
         max_accuracy_drop: q.max_accuracy_drop,
         report: q.report.as_ref().map(|r| r.path.clone()),
         save_prepared: None,
-        preprocess: c.data.dataset.preprocess.clone(),
+        preprocess: c
+            .map(|c| &c.data)
+            .or(q.eval.as_ref())
+            .map(|d| d.dataset.preprocess.clone())
+            .unwrap_or_default(),
         calib_backend: crate::runtime::BackendKind::Tract,
         threads: None,
         seed: q.seed,

@@ -1,14 +1,16 @@
-//! `shrink quantize MODEL --calib DATA --out OUT.onnx`: int8 post-training quantization.
+//! `shrink quantize MODEL --calib DATA --out OUT.onnx`: int8 post-training quantization, or
+//! `--precision fp16` conversion.
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use super::reporters::BarReporter;
 use super::ExitStatus;
 use crate::bench::measure::{accuracy_of, sample_shape};
 use crate::data::{Dataset, Preprocess};
+use crate::hint::HintExt;
 use crate::onnx::Model;
 use crate::quant::calib::{Method, RangeOptions, DEFAULT_PERCENTILE};
 use crate::quant::prepare::{prepare, Prepared};
@@ -28,6 +30,15 @@ pub enum ActivationType {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Precision {
+    /// int8 weights and activations, calibrated on `--calib`.
+    #[default]
+    Int8,
+    /// float16 weights and compute; needs no calibration.
+    Fp16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Format {
     #[default]
     Qdq,
@@ -38,9 +49,10 @@ pub enum Format {
 pub struct QuantizeArgs {
     /// The float ONNX model.
     pub model: PathBuf,
-    /// Representative inputs for calibration (npz, IDX or image folder).
+    /// Representative inputs for calibration (npz, IDX or image folder); required for int8.
+    /// With `--precision fp16` they are used, when given, to compare outputs before and after.
     #[arg(long, value_name = "DATA")]
-    pub calib: PathBuf,
+    pub calib: Option<PathBuf>,
     /// Where to write the quantized model.
     #[arg(long, value_name = "OUT.onnx")]
     pub out: PathBuf,
@@ -60,6 +72,13 @@ pub struct QuantizeArgs {
     /// operators QLinearConv/QLinearMatMul (qoperator).
     #[arg(long, value_enum, default_value_t = Format::Qdq)]
     pub format: Format,
+    /// int8 quantization, or float16 conversion (about half the size, no calibration).
+    #[arg(long, value_enum, default_value_t = Precision::Int8)]
+    pub precision: Precision,
+    /// With `--precision fp16`: make the model's inputs and outputs float16 too (by default
+    /// they stay float32 and the graph casts them).
+    #[arg(long)]
+    pub fp16_io: bool,
     /// The runtime the model is meant for; applies its rules (symmetry, which ops).
     #[arg(long, value_enum, default_value_t = QuantTarget::Ort)]
     pub target: QuantTarget,
@@ -224,6 +243,15 @@ struct FullReport<'a> {
 }
 
 pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
+    if args.precision == Precision::Fp16 {
+        return run_fp16(args);
+    }
+    ensure!(!args.fp16_io, "--fp16-io applies to --precision fp16 only");
+    let calib = args
+        .calib
+        .as_ref()
+        .context("int8 quantization needs calibration data")
+        .hint("pass --calib DATA (a few hundred representative inputs: npz, IDX or an image folder), or --precision fp16, which needs none")?;
     let mut model = Model::load(&args.model)?;
     let sample = sample_shape(&model)?;
     let prepared = prepare(&mut model)
@@ -245,12 +273,12 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         args.percentile > 0.0 && args.percentile <= 100.0,
         "--percentile must be in (0, 100]"
     );
-    let ds = Dataset::open(&args.calib, &args.preprocess, sample)
+    let ds = Dataset::open(calib, &args.preprocess, sample)
         .context("cannot open the calibration data")?;
     if ds.len() < args.calib_samples {
         crate::printer::warn(format!(
             "{} has {} samples; calibrating on all of them instead of {}",
-            args.calib.display(),
+            calib.display(),
             ds.len(),
             args.calib_samples
         ));
@@ -370,7 +398,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         size_before_bytes: size_before,
         size_after_bytes: size_after,
         size_ratio: size_after as f64 / size_before as f64,
-        calib: args.calib.display().to_string(),
+        calib: calib.display().to_string(),
         calib_samples: args.calib_samples.min(ds.len()),
         seed: args.seed,
         prepared: &prepared,
@@ -446,6 +474,198 @@ fn markdown(r: &FullReport) -> String {
             "\nkept in float: {}\n",
             r.quant.float_nodes.join(", ")
         ));
+    }
+    s
+}
+
+/// Options that only int8 quantization reads, named when given with `--precision fp16`.
+fn int8_only_options(args: &QuantizeArgs) -> Vec<&'static str> {
+    let mut given = Vec::new();
+    let mut flag = |on: bool, name: &'static str| {
+        if on {
+            given.push(name);
+        }
+    };
+    flag(args.per_tensor, "--per-tensor");
+    flag(
+        args.activation_type != ActivationType::U8,
+        "--activation-type",
+    );
+    flag(args.format != Format::Qdq, "--format qoperator");
+    flag(!args.exclude.is_empty(), "--exclude");
+    flag(!args.exclude_op.is_empty(), "--exclude-op");
+    flag(args.equalize, "--equalize");
+    flag(args.max_accuracy_drop.is_some(), "--max-accuracy-drop");
+    given
+}
+
+#[derive(Debug, Serialize)]
+struct Fp16FullReport<'a> {
+    schema: &'static str,
+    model: String,
+    out: String,
+    size_before_bytes: u64,
+    size_after_bytes: u64,
+    size_ratio: f64,
+    /// Data the outputs were compared on (`--calib`, else `--eval`), if any.
+    compared_on: Option<String>,
+    compared_samples: usize,
+    accuracy_before_top1: Option<f64>,
+    accuracy_after_top1: Option<f64>,
+    accuracy_drop_pts: Option<f64>,
+    #[serde(flatten)]
+    fp16: &'a crate::quant::fp16::Fp16Report,
+}
+
+/// Samples the float32 and float16 models are compared on, at most.
+const FP16_COMPARE_SAMPLES: usize = 256;
+
+/// `--precision fp16`: float16 weights and compute, float32 inputs and outputs unless
+/// `--fp16-io`. Outputs are compared on `--calib` (else `--eval`) data and accuracy measured
+/// on `--eval`, both on the model with float32 inputs and outputs (the runtimes are fed
+/// float32; the float16-I/O model computes the same values).
+fn run_fp16(args: &QuantizeArgs) -> Result<ExitStatus> {
+    let int8_only = int8_only_options(args);
+    if !int8_only.is_empty() {
+        return Err(anyhow::anyhow!(
+            "{} applies to int8 quantization, not to --precision fp16",
+            int8_only.join(", ")
+        ))
+        .hint("drop those options, or use --precision int8");
+    }
+    let mut model = Model::load(&args.model)?;
+    let sample = sample_shape(&model)?;
+    // Folding BatchNorm and dropping Identity/Dropout first: fewer float16 roundings.
+    prepare(&mut model)
+        .with_context(|| format!("cannot prepare {} for conversion", args.model.display()))?;
+    if let Some(p) = &args.save_prepared {
+        model.save(p)?;
+    }
+    let (half, mut report) = crate::quant::fp16::to_fp16(&model, !args.fp16_io)
+        .with_context(|| format!("cannot convert {} to float16", args.model.display()))?;
+    let checked = if args.fp16_io {
+        crate::quant::fp16::to_fp16(&model, true)?.0
+    } else {
+        half.clone()
+    };
+    let rt = RuntimeOptions {
+        backend: args.calib_backend,
+        threads: args.threads.unwrap_or_else(runtime::default_threads),
+        ort_lib: args.ort_lib.clone(),
+        ..Default::default()
+    };
+    let float_bytes = prost::Message::encode_to_vec(&model.to_proto());
+    let half_bytes = prost::Message::encode_to_vec(&checked.to_proto());
+
+    let compare_on = args.calib.as_ref().or(args.eval.as_ref());
+    let mut compared_samples = 0;
+    if let Some(data) = compare_on {
+        let ds = Dataset::open(data, &args.preprocess, sample)
+            .with_context(|| format!("cannot open {}", data.display()))?;
+        let indices = ds.sample_indices(args.calib_samples.min(FP16_COMPARE_SAMPLES), args.seed);
+        let [c, h, w] = ds.sample_shape();
+        let mut sessions: Vec<(usize, Box<dyn runtime::Session>, Box<dyn runtime::Session>)> =
+            Vec::new();
+        ds.for_each_subset_batch(&indices, 32, |b| {
+            let n = b.shape[0];
+            let i = match sessions.iter().position(|(k, _, _)| *k == n) {
+                Some(i) => i,
+                None => {
+                    let open = |bytes: &[u8], what: &str| {
+                        runtime::open(bytes, &[n, c, h, w], &rt)
+                            .with_context(|| format!("cannot run the {what} model"))
+                    };
+                    sessions.push((
+                        n,
+                        open(&float_bytes, "float32")?,
+                        open(&half_bytes, "float16")?,
+                    ));
+                    sessions.len() - 1
+                }
+            };
+            let (_, f, h) = &mut sessions[i];
+            let fo = f.run(&b.x)?;
+            let ho = h.run(&b.x)?;
+            for (a, b) in fo.iter().zip(&ho) {
+                report.compare(&a.data, &b.data)?;
+            }
+            compared_samples += n;
+            Ok(())
+        })?;
+        if report.output_max_abs_diff.is_some_and(|d| !d.is_finite()) {
+            bail!(
+                "the float16 model's outputs are not finite on {} (values beyond float16's range of ±65504)",
+                data.display()
+            );
+        }
+    }
+    let (mut before, mut after) = (None, None);
+    if let Some(eval) = &args.eval {
+        before = Some(accuracy_of(&float_bytes, sample, eval, &args.preprocess, &rt)?.top1);
+        after = Some(accuracy_of(&half_bytes, sample, eval, &args.preprocess, &rt)?.top1);
+    }
+
+    half.save(&args.out)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    let size_before = std::fs::metadata(&args.model)?.len();
+    let size_after = std::fs::metadata(&args.out)?.len();
+    let full = Fp16FullReport {
+        schema: "shrink.quantize.fp16/1",
+        model: args.model.display().to_string(),
+        out: args.out.display().to_string(),
+        size_before_bytes: size_before,
+        size_after_bytes: size_after,
+        size_ratio: size_after as f64 / size_before as f64,
+        compared_on: compare_on.map(|p| p.display().to_string()),
+        compared_samples,
+        accuracy_before_top1: before,
+        accuracy_after_top1: after,
+        accuracy_drop_pts: before.zip(after).map(|(b, a)| (b - a) * 100.0),
+        fp16: &report,
+    };
+    let md = fp16_markdown(&full);
+    if let Some(p) = &args.report {
+        crate::util::write_atomic(p, serde_json::to_string_pretty(&full)?.as_bytes())?;
+        crate::util::write_atomic(&p.with_extension("md"), md.as_bytes())?;
+    }
+    print!("{md}");
+    Ok(ExitStatus::Success)
+}
+
+fn fp16_markdown(r: &Fp16FullReport) -> String {
+    let mut s = format!(
+        "**shrink quantize --precision fp16** — {} → {}: {} → {} bytes ({:.3}x), inputs and outputs {}\n\n",
+        r.model,
+        r.out,
+        r.size_before_bytes,
+        r.size_after_bytes,
+        r.size_ratio,
+        if r.fp16.keep_io_types { "float32" } else { "float16" }
+    );
+    if let (Some(d), Some(m)) = (r.fp16.output_max_abs_diff, r.fp16.output_max_abs) {
+        s.push_str(&format!(
+            "outputs on {} samples of {}: max |float32 − float16| {d:.3e} (largest |output| {m:.3e})\n\n",
+            r.compared_samples,
+            r.compared_on.as_deref().unwrap_or("?"),
+        ));
+    }
+    if let (Some(b), Some(a)) = (r.accuracy_before_top1, r.accuracy_after_top1) {
+        s.push_str(&format!(
+            "top-1: float32 {:.2}%, float16 {:.2}% (drop {:.2} points)\n\n",
+            b * 100.0,
+            a * 100.0,
+            (b - a) * 100.0
+        ));
+    }
+    s.push_str(&format!(
+        "{} initializers stored as float16 ({} values clamped to ±65504), {} Casts inserted\n",
+        r.fp16.converted_initializers, r.fp16.clamped_values, r.fp16.casts_inserted
+    ));
+    if !r.fp16.float32_nodes.is_empty() {
+        s.push_str("\n| kept in float32 | op | why |\n|---|---|---|\n");
+        for n in &r.fp16.float32_nodes {
+            s.push_str(&format!("| {} | {} | {} |\n", n.node, n.op, n.reason));
+        }
     }
     s
 }

@@ -1004,6 +1004,11 @@ impl Resolver {
                         "missing required key `calibration`: int8 quantization needs `calibration: { data: ... }`",
                     ));
                 }
+                p.check(
+                    !o.fp16_io || o.precision == Precision::Fp16,
+                    "fp16_io",
+                    "applies to `precision: fp16` only",
+                );
                 if let Some(d) = o.max_accuracy_drop {
                     p.check(
                         d >= 0.0,

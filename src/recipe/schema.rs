@@ -549,6 +549,10 @@ pub struct QuantizeOptions {
     /// `int8` (default) or `fp16`.
     #[serde(default = "d::precision")]
     pub precision: Precision,
+    /// With `precision: fp16`, float16 inputs and outputs too (default false: they stay
+    /// float32).
+    #[serde(default)]
+    pub fp16_io: bool,
     /// Correct the bias shift quantization introduces (default true).
     #[serde(default = "d::yes")]
     pub bias_correction: bool,
