@@ -236,7 +236,8 @@ impl Histogram {
         self.exponent = Some(exponent);
     }
 
-    /// Count `xs`, which must be finite.
+    /// Count `xs`, which must be finite and whose largest magnitude is `amax`. Large
+    /// batches are counted in parallel chunks.
     fn add(&mut self, xs: &[f32], amax: f32) {
         if amax > 0.0 {
             let e = self.exponent_for(amax);
@@ -248,21 +249,40 @@ impl Histogram {
             self.zeros += xs.len() as u64;
             return;
         };
-        // Multiplying by a power of two is exact, so the bin index is exactly
-        // floor(|x| / width), and below num_bins by the choice of the exponent.
-        let inv = pow2(-e);
-        for &x in xs {
-            if x == 0.0 {
-                self.zeros += 1;
-                continue;
-            }
-            let k = (f64::from(x.abs()) * inv) as usize;
-            if x > 0.0 {
-                self.positive[k] += 1;
-            } else {
-                self.negative[k] += 1;
-            }
+        let n = self.num_bins();
+        let counts = if xs.len() < 2 * PAR_CHUNK {
+            let mut c = vec![0u64; 2 * n];
+            count_bins(xs, e, n, &mut c);
+            c
+        } else {
+            use rayon::prelude::*;
+            xs.par_chunks(PAR_CHUNK)
+                .fold(
+                    || vec![0u64; 2 * n],
+                    |mut c, chunk| {
+                        count_bins(chunk, e, n, &mut c);
+                        c
+                    },
+                )
+                .reduce_with(|mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                })
+                .unwrap_or_else(|| vec![0u64; 2 * n])
+        };
+        for (dst, src) in self
+            .positive
+            .iter_mut()
+            .chain(self.negative.iter_mut())
+            .zip(&counts)
+        {
+            *dst += src;
         }
+        // count_bins put +0.0 in positive[0] and -0.0 in negative[0].
+        let (pz, nz) = count_zeros(xs);
+        self.positive[0] -= pz;
+        self.negative[0] -= nz;
+        self.zeros += pz + nz;
     }
 
     /// Add the counts of `other`, widening bins as needed; the result is the histogram of
@@ -292,6 +312,124 @@ impl Histogram {
         self.zeros += other.zeros;
         Ok(())
     }
+}
+
+/// Batches of at least twice this many values are scanned and counted in parallel chunks.
+const PAR_CHUNK: usize = 1 << 16;
+
+/// Adds to `counts` (`2 * n` bins: `|x|` bins of positive values, then of negative ones) the
+/// bin of every value of `xs` for bins of width `2^e`; zeros land in bin 0 of their sign.
+///
+/// Four sub-histograms take consecutive values, so that runs of equal bins (the zeros after a
+/// ReLU) do not wait on one counter; u32 counters stay exact for chunks under 2^32 values.
+fn count_bins(xs: &[f32], e: i32, n: usize, counts: &mut [u64]) {
+    // Multiplying by a power of two is exact, so the bin index is exactly
+    // floor(|x| / width), and below n by the choice of the exponent.
+    let inv = pow2(-e);
+    let slot = |x: f32| {
+        let k = ((f64::from(x.abs()) * inv) as usize).min(n - 1);
+        k + n * (x.to_bits() >> 31) as usize
+    };
+    for part in xs.chunks(u32::MAX as usize) {
+        let mut sub = vec![[0u32; 4]; 2 * n];
+        let mut quads = part.chunks_exact(4);
+        for q in &mut quads {
+            sub[slot(q[0])][0] += 1;
+            sub[slot(q[1])][1] += 1;
+            sub[slot(q[2])][2] += 1;
+            sub[slot(q[3])][3] += 1;
+        }
+        for &x in quads.remainder() {
+            sub[slot(x)][0] += 1;
+        }
+        for (c, s) in counts.iter_mut().zip(&sub) {
+            *c += s.iter().map(|&v| u64::from(v)).sum::<u64>();
+        }
+    }
+}
+
+/// Number of `+0.0` and of `-0.0` values.
+fn count_zeros(xs: &[f32]) -> (u64, u64) {
+    let (mut p, mut m) = (0u64, 0u64);
+    for c in xs.chunks(1 << 20) {
+        let (mut cp, mut cm) = (0u32, 0u32);
+        for &x in c {
+            let b = x.to_bits();
+            cp += u32::from(b == 0);
+            cm += u32::from(b == 0x8000_0000);
+        }
+        p += u64::from(cp);
+        m += u64::from(cm);
+    }
+    (p, m)
+}
+
+/// Minimum, maximum and whether every value is finite; written without an early exit so
+/// that it vectorises. Infinities and NaN leave min/max meaningless but clear the flag.
+fn scan(xs: &[f32]) -> (f32, f32, bool) {
+    const L: usize = 8;
+    let mut lo = [f32::INFINITY; L];
+    let mut hi = [f32::NEG_INFINITY; L];
+    let mut bad = [0u32; L];
+    let mut chunks = xs.chunks_exact(L);
+    for c in &mut chunks {
+        for j in 0..L {
+            let x = c[j];
+            lo[j] = if x < lo[j] { x } else { lo[j] };
+            hi[j] = if x > hi[j] { x } else { hi[j] };
+            bad[j] |= u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        }
+    }
+    let (mut min, mut max, mut ok) = (f32::INFINITY, f32::NEG_INFINITY, true);
+    for &x in chunks.remainder() {
+        min = min.min(x);
+        max = max.max(x);
+        ok &= x.is_finite();
+    }
+    for j in 0..L {
+        min = min.min(lo[j]);
+        max = max.max(hi[j]);
+        ok &= bad[j] == 0;
+    }
+    (min, max, ok)
+}
+
+/// [`scan`] in parallel chunks for large batches.
+fn scan_par(xs: &[f32]) -> (f32, f32, bool) {
+    if xs.len() < 2 * PAR_CHUNK {
+        return scan(xs);
+    }
+    use rayon::prelude::*;
+    xs.par_chunks(PAR_CHUNK).map(scan).reduce(
+        || (f32::INFINITY, f32::NEG_INFINITY, true),
+        |a, b| (a.0.min(b.0), a.1.max(b.1), a.2 && b.2),
+    )
+}
+
+/// Sum of squares in f64, in eight lanes so that it vectorises (and in parallel chunks for
+/// large batches).
+pub fn sum_squares(xs: &[f32]) -> f64 {
+    fn lanes(xs: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut chunks = xs.chunks_exact(8);
+        for c in &mut chunks {
+            for j in 0..8 {
+                let v = f64::from(c[j]);
+                acc[j] += v * v;
+            }
+        }
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum();
+        acc.iter().sum::<f64>() + tail
+    }
+    if xs.len() < 2 * PAR_CHUNK {
+        return lanes(xs);
+    }
+    use rayon::prelude::*;
+    xs.par_chunks(PAR_CHUNK).map(lanes).sum()
 }
 
 /// Streaming statistics of one tensor over calibration batches.
@@ -379,19 +517,19 @@ impl TensorStats {
     /// the position, and leaves the statistics as they were. Empty batches are ignored.
     pub fn observe(&mut self, batch: &[f32]) -> Result<()> {
         self.calls += 1;
-        let mut min = f32::INFINITY;
-        let mut max = f32::NEG_INFINITY;
-        for (i, &x) in batch.iter().enumerate() {
-            if !x.is_finite() {
-                bail!(
-                    "tensor `{}`: calibration batch {} has {x} at flat index {i}; \
-                     calibration needs finite activations, so check the input data and that the float model runs cleanly on it",
-                    self.name,
-                    self.calls
-                );
-            }
-            min = min.min(x);
-            max = max.max(x);
+        let (min, max, finite) = scan_par(batch);
+        if !finite {
+            let (i, x) = batch
+                .iter()
+                .enumerate()
+                .find(|(_, x)| !x.is_finite())
+                .expect("scan saw a value that is not finite");
+            bail!(
+                "tensor `{}`: calibration batch {} has {x} at flat index {i}; \
+                 calibration needs finite activations, so check the input data and that the float model runs cleanly on it",
+                self.name,
+                self.calls
+            );
         }
         if batch.is_empty() {
             return Ok(());
@@ -1367,6 +1505,62 @@ mod tests {
             s.select(Method::Auto, U8_ASYM, &opts).unwrap().method,
             Method::MinMax
         );
+    }
+
+    /// Batches large enough for the parallel chunked path (over 2 * PAR_CHUNK values), with
+    /// runs of zeros of both signs as after a ReLU: the same histogram, min/max, zero count
+    /// and sum of squares as a naive serial pass, and a NaN is still found and named.
+    #[test]
+    fn large_batches_match_a_naive_count() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let n = 3 * PAR_CHUNK + 12_345;
+        let x: Vec<f32> = (0..n)
+            .map(|i| match (i / 1000) % 4 {
+                0 => 0.0,
+                1 => -0.0,
+                _ => ((next() - 0.3) * 20.0) as f32,
+            })
+            .collect();
+        let s = stats(&[&x[..n / 2], &x[n / 2..]]);
+        let h = s.histogram();
+        let w = h.bin_width().unwrap();
+        let mut pos = vec![0u64; DEFAULT_BINS];
+        let mut neg = vec![0u64; DEFAULT_BINS];
+        let mut zeros = 0;
+        for &v in &x {
+            let k = (f64::from(v).abs() / w).floor() as usize;
+            if v > 0.0 {
+                pos[k] += 1
+            } else if v < 0.0 {
+                neg[k] += 1
+            } else {
+                zeros += 1
+            }
+        }
+        assert_eq!(h.positive(), &pos[..]);
+        assert_eq!(h.negative(), &neg[..]);
+        assert_eq!(h.zeros(), zeros);
+        let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(s.min_max(), Some((min, max)));
+        let naive: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert!((sum_squares(&x) - naive).abs() <= 1e-9 * naive);
+
+        let mut bad = x.clone();
+        bad[2 * PAR_CHUNK + 7] = f32::NAN;
+        let mut t = TensorStats::new("act");
+        let e = format!("{:#}", t.observe(&bad).unwrap_err());
+        assert!(
+            e.contains(&format!("flat index {}", 2 * PAR_CHUNK + 7)),
+            "{e}"
+        );
+        assert_eq!(t.count(), 0);
     }
 
     fn batches() -> impl Strategy<Value = Vec<Vec<f32>>> {

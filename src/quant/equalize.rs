@@ -3,7 +3,7 @@
 //! of two consecutive layers' weight ranges, and the bias correction that removes the
 //! mean shift weight quantization causes.
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 
 use super::arith::channel_layout;
 
@@ -135,14 +135,34 @@ impl ChannelMeans {
             "a batch with {channels} channels along axis {axis} for means of {} channels",
             self.sums.len()
         );
-        for (i, &x) in data.iter().enumerate() {
-            ensure!(
-                x.is_finite(),
-                "output element {i} is {x}; only finite outputs can be averaged"
-            );
-            let c = (i / inner) % channels;
-            self.sums[c] += f64::from(x);
-            self.counts[c] += 1;
+        if inner == 0 {
+            return Ok(());
+        }
+        for (j, run) in data.chunks(inner).enumerate() {
+            let c = j % channels;
+            let mut acc = [0f64; 8];
+            let mut finite = true;
+            let mut chunks = run.chunks_exact(8);
+            for q in &mut chunks {
+                for l in 0..8 {
+                    acc[l] += f64::from(q[l]);
+                    finite &= q[l].is_finite();
+                }
+            }
+            for &x in chunks.remainder() {
+                acc[0] += f64::from(x);
+                finite &= x.is_finite();
+            }
+            if !finite {
+                let k = run.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                bail!(
+                    "output element {} is {}; only finite outputs can be averaged",
+                    j * inner + k,
+                    run[k]
+                );
+            }
+            self.sums[c] += acc.iter().sum::<f64>();
+            self.counts[c] += run.len() as u64;
         }
         Ok(())
     }
@@ -300,6 +320,27 @@ mod tests {
         assert_eq!(m.means(), [3.0, 17.5]);
         assert!(m.observe(&[1.0; 3], &[1, 3], 1).is_err());
         assert_eq!(ChannelMeans::new(1).means(), [0.0]);
+        // Spatial runs longer than the eight summing lanes, against a naive mean.
+        let x: Vec<f32> = (0..2 * 3 * 5 * 7)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let mut m = ChannelMeans::new(3);
+        m.observe(&x, &[2, 3, 5, 7], 1).unwrap();
+        for (c, got) in m.means().iter().enumerate() {
+            let vals: Vec<f64> = (0..2)
+                .flat_map(|b| (0..35).map(move |k| (b * 3 + c) * 35 + k))
+                .map(|i| f64::from(x[i]))
+                .collect();
+            let want = vals.iter().sum::<f64>() / vals.len() as f64;
+            assert!(
+                (f64::from(*got) - want).abs() < 1e-6,
+                "{c}: {got} vs {want}"
+            );
+        }
+        let mut bad = x.clone();
+        bad[40] = f32::INFINITY;
+        let e = m.observe(&bad, &[2, 3, 5, 7], 1).unwrap_err().to_string();
+        assert!(e.contains("output element 40 is inf"), "{e}");
 
         assert_eq!(
             bias_correction(&[3.0, 17.5], &[2.5, 18.0]).unwrap(),

@@ -313,7 +313,7 @@ pub fn quantize(
             if let Some(s) = stats.get_mut(name) {
                 s.observe(values)?;
                 let e = power.entry(name.to_string()).or_default();
-                e.0 += values.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+                e.0 += super::calib::sum_squares(values);
                 e.1 += values.len() as u64;
             }
             if want_means && raw.contains(name) && shape.len() >= 2 {
