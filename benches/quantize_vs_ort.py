@@ -9,9 +9,10 @@ measured side by side in one run (alternating rounds), each tool in a process of
 The calibration set is `--samples` seeded random smooth images (float32 NCHW in [0, 1], the
 model's input size), written once to `--images` (default /tmp/qbench_images_N.npz); both
 tools quantize from that file with per-channel int8 weights, uint8 activations, QDQ output.
-ONNX Runtime runs `quantize_static` with MinMax; shrink runs `--method minmax` (the same
-statistics) and its default `--method auto` (with bias correction), both calibrating on
-ONNX Runtime (`--calib-backend ort`) and on tract (the default).
+ONNX Runtime runs `quantize_static` with MinMax (one calibration pass); shrink runs
+`--method minmax` (the same statistics) without and with bias correction (on by default; a
+second pass over the data with quantized weights), and its default `--method auto`,
+calibrating on ONNX Runtime (`--calib-backend ort`) and on tract (the default).
 
 Wall time is the whole process, start to exit (loading the data included, as a user waits
 for it); peak memory is the process's maximum resident set (`ru_maxrss` from wait4). Every
@@ -118,6 +119,9 @@ def main():
     tools = {
         "ort quantize_static minmax": [sys.executable, "-c", ORT_WORKER, a.model, images,
                                        f"{work}/ort.onnx", str(a.threads)],
+        "shrink minmax, no bias correction (ort calib)": shrink_common + [
+            "--method", "minmax", "--no-bias-correction", "--calib-backend", "ort",
+            "--out", f"{work}/s_mm_nobc_ort.onnx"],
         "shrink minmax (ort calib)": shrink_common + ["--method", "minmax", "--calib-backend",
                                                       "ort", "--out", f"{work}/s_mm_ort.onnx"],
         "shrink minmax (tract calib)": shrink_common + ["--method", "minmax",
@@ -125,7 +129,9 @@ def main():
         "shrink auto (ort calib)": shrink_common + ["--calib-backend", "ort",
                                                     "--out", f"{work}/s_auto_ort.onnx"],
     }
-    outs = {"ort quantize_static minmax": "ort.onnx", "shrink minmax (ort calib)": "s_mm_ort.onnx",
+    outs = {"ort quantize_static minmax": "ort.onnx",
+            "shrink minmax, no bias correction (ort calib)": "s_mm_nobc_ort.onnx",
+            "shrink minmax (ort calib)": "s_mm_ort.onnx",
             "shrink minmax (tract calib)": "s_mm_tract.onnx",
             "shrink auto (ort calib)": "s_auto_ort.onnx"}
     runs = {k: [] for k in tools}

@@ -123,6 +123,7 @@ fn every_calibration_method_and_format_option_produces_a_working_model() {
         vec!["--method", "mse", "--per-tensor"],
         vec!["--activation-type", "i8", "--no-bias-correction"],
         vec!["--target", "tensorrt"],
+        vec!["--target", "tract"],
     ]
     .into_iter()
     .enumerate()
@@ -435,5 +436,46 @@ fn fp16_io_makes_inputs_and_outputs_float16_and_int8_options_are_refused() {
         out.stderr
     );
     assert!(out.stderr.contains("--precision fp16"), "{}", out.stderr);
+    assert!(!d.path("x.onnx").exists());
+}
+
+#[test]
+fn tensorrt_target_writes_symmetric_int8_without_int32_biases_and_refuses_qoperator() {
+    let d = Dir::new();
+    let out = quantize(
+        &d,
+        &fixture("teacher.onnx"),
+        "t.onnx",
+        &["--target", "tensorrt", "--report", "t.json"],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let m = shrink::onnx::Model::load(&d.path("t.onnx")).unwrap();
+    let g = &m.graph;
+    assert!(g.initializers.values().all(|t| !matches!(
+        t.data,
+        shrink::onnx::Data::I32(_) | shrink::onnx::Data::U8(_)
+    )));
+    let r: serde_json::Value = serde_json::from_str(&d.read("t.json")).unwrap();
+    assert!(r["activations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["zero_point"] == 0));
+    assert!(r["target_rules"]
+        .to_string()
+        .contains("inputs of quantized ops only"));
+
+    let out = quantize(
+        &d,
+        &fixture("teacher.onnx"),
+        "x.onnx",
+        &["--target", "tensorrt", "--format", "qoperator"],
+    );
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr.contains("reads QDQ models only"),
+        "{}",
+        out.stderr
+    );
     assert!(!d.path("x.onnx").exists());
 }

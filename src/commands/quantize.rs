@@ -247,6 +247,12 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         return run_fp16(args);
     }
     ensure!(!args.fp16_io, "--fp16-io applies to --precision fp16 only");
+    if args.format == Format::Qoperator && args.target == QuantTarget::Tensorrt {
+        return Err(anyhow::anyhow!(
+            "--format qoperator cannot target TensorRT, which reads QDQ models only"
+        ))
+        .hint("drop --format (QDQ is the default) or choose --target ort");
+    }
     let calib = args
         .calib
         .as_ref()
@@ -432,6 +438,11 @@ fn markdown(r: &FullReport) -> String {
         r.quant.activation_type,
         r.quant.target
     );
+    s.push_str(&format!(
+        "target {}: {}\n\n",
+        r.quant.target,
+        r.quant.target_rules.join("; ")
+    ));
     if let (Some(b), Some(a)) = (r.accuracy_before_top1, r.accuracy_after_top1) {
         s.push_str(&format!(
             "top-1: float {:.2}%, int8 {:.2}% (drop {:.2} points)\n\n",

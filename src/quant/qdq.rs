@@ -15,20 +15,21 @@ use super::equalize::ChannelMeans;
 use crate::onnx::ir::{make_attr_int, Graph, Model, Node, ValueInfo};
 use crate::onnx::{Data, Tensor};
 
-/// The runtime a quantized model is tuned for.
+/// The runtime a quantized model is tuned for; [`QuantTarget::rules`] says what changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum QuantTarget {
-    /// ONNX Runtime: uint8 asymmetric activations by default, every op below quantized.
+    /// ONNX Runtime: uint8 asymmetric activations by default, Q/DQ around every op below.
     #[default]
     Ort,
     /// tract: as ORT, and Softmax outputs stay float (tract 0.23 computes them wrongly).
     Tract,
-    /// TensorRT: int8 symmetric activations (TensorRT requires zero points of 0).
+    /// TensorRT: int8 symmetric activations, Q/DQ on the inputs of weighted layers, pooling
+    /// and residual Adds only, float32 biases.
     Tensorrt,
 }
 
-/// Ops whose inputs (and outputs) are quantized.
+/// Ops whose inputs (and outputs) are quantized for ONNX Runtime and tract.
 const QUANT_OPS: &[&str] = &[
     "Conv",
     "Gemm",
@@ -40,6 +41,95 @@ const QUANT_OPS: &[&str] = &[
     "AveragePool",
     "GlobalAveragePool",
 ];
+
+/// Ops TensorRT runs in int8 from Q/DQ on their inputs. MaxPool and Concat are left out: Q/DQ
+/// commute with them and TensorRT propagates the neighbouring scales through; Mul is not a
+/// fused int8 op there.
+const TENSORRT_OPS: &[&str] = &[
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "AveragePool",
+    "GlobalAveragePool",
+];
+
+/// What a target runtime needs of a QDQ model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetRules {
+    /// Ops that get Q/DQ on their activations.
+    pub ops: &'static [&'static str],
+    /// Q/DQ on the outputs of quantized ops as well as their inputs (ORT and tract read and
+    /// write int8 between integer kernels), or on inputs only (TensorRT chooses output
+    /// precision itself when it fuses; an output Q/DQ would pin it).
+    pub quantize_outputs: bool,
+    /// Add: quantize only inputs that no weighted layer produces, so TensorRT can fuse the
+    /// Add into that layer (its residual-connection rule).
+    pub residual_add_only: bool,
+    /// Biases as int32 behind DequantizeLinear (scale = input scale × weight scale), or kept
+    /// float32 (TensorRT's parser takes DequantizeLinear of int8 only).
+    pub int32_bias: bool,
+    /// Activations must be int8 with zero point 0.
+    pub symmetric_activations: bool,
+    /// Ops never quantized on this target although otherwise quantizable, and why.
+    pub float_ops: &'static [(&'static str, &'static str)],
+}
+
+impl QuantTarget {
+    pub fn rules(self) -> TargetRules {
+        match self {
+            QuantTarget::Ort => TargetRules {
+                ops: QUANT_OPS,
+                quantize_outputs: true,
+                residual_add_only: false,
+                int32_bias: true,
+                symmetric_activations: false,
+                float_ops: &[],
+            },
+            QuantTarget::Tract => TargetRules {
+                float_ops: &[(
+                    "Softmax",
+                    "tract 0.23 gives wrong results for a quantized Softmax",
+                )],
+                ..QuantTarget::Ort.rules()
+            },
+            QuantTarget::Tensorrt => TargetRules {
+                ops: TENSORRT_OPS,
+                quantize_outputs: false,
+                residual_add_only: true,
+                int32_bias: false,
+                symmetric_activations: true,
+                float_ops: &[],
+            },
+        }
+    }
+
+    /// One line per rule, for reports.
+    pub fn describe(self) -> Vec<String> {
+        let r = self.rules();
+        let mut v = vec![format!("quantized ops: {}", r.ops.join(", "))];
+        v.push(if r.quantize_outputs {
+            "Q/DQ on inputs and outputs of quantized ops".into()
+        } else {
+            "Q/DQ on inputs of quantized ops only".into()
+        });
+        if r.residual_add_only {
+            v.push("Add: only inputs no weighted layer produces (residual branch)".into());
+        }
+        v.push(if r.int32_bias {
+            "biases int32 (input scale × weight scale)".into()
+        } else {
+            "biases float32".into()
+        });
+        if r.symmetric_activations {
+            v.push("activations int8 symmetric (zero point 0)".into());
+        }
+        for (op, why) in r.float_ops {
+            v.push(format!("{op} stays float: {why}"));
+        }
+        v
+    }
+}
 /// Activations that runtimes fuse into the producing Conv/Gemm: the fused output is quantized.
 const FUSED_ACTIVATIONS: &[&str] = &["Relu", "Clip"];
 
@@ -75,8 +165,9 @@ impl Default for QuantOptions {
 
 impl QuantOptions {
     pub fn activation_target(&self) -> Target {
-        match (self.target, self.activation) {
-            (QuantTarget::Tensorrt, _) | (_, QType::I8) => Target {
+        let symmetric = self.target.rules().symmetric_activations;
+        match (symmetric, self.activation) {
+            (true, _) | (_, QType::I8) => Target {
                 qtype: QType::I8,
                 symmetry: Symmetry::Symmetric,
             },
@@ -113,6 +204,8 @@ pub struct QuantReport {
     pub per_channel: bool,
     pub activation_type: String,
     pub target: String,
+    /// The target's rules, as applied.
+    pub target_rules: Vec<String>,
     pub layers: Vec<LayerReport>,
     pub activations: Vec<ActivationReport>,
     pub float_nodes: Vec<String>,
@@ -174,7 +267,13 @@ fn decide(g: &Graph, opts: &QuantOptions) -> Result<Decisions> {
             "--exclude names node `{name}`, which the model does not have"
         );
     }
+    let rules = opts.target.rules();
     let consumers = g.consumers();
+    let producers: HashMap<&str, &Node> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().map(move |o| (o.as_str(), n)))
+        .collect();
     let is_float_activation = |t: &str| !t.is_empty() && !g.initializers.contains_key(t);
     let mut nodes = Vec::new();
     let mut tensors: Vec<String> = Vec::new();
@@ -186,7 +285,8 @@ fn decide(g: &Graph, opts: &QuantOptions) -> Result<Decisions> {
         }
     };
     for (i, n) in g.nodes.iter().enumerate() {
-        if !QUANT_OPS.contains(&n.op_type.as_str())
+        if !rules.ops.contains(&n.op_type.as_str())
+            || rules.float_ops.iter().any(|(op, _)| *op == n.op_type)
             || opts.exclude_nodes.contains(&n.name)
             || opts.exclude_ops.contains(&n.op_type)
         {
@@ -209,11 +309,22 @@ fn decide(g: &Graph, opts: &QuantOptions) -> Result<Decisions> {
             if matches!(n.op_type.as_str(), "Conv" | "Gemm") && Some(inp.as_str()) != n.input(0) {
                 continue;
             }
+            if rules.residual_add_only
+                && n.op_type == "Add"
+                && producers
+                    .get(inp.as_str())
+                    .is_some_and(|p| matches!(p.op_type.as_str(), "Conv" | "Gemm" | "MatMul"))
+            {
+                continue;
+            }
             add(inp, &mut tensors);
         }
         let out = n.outputs[0].clone();
         if matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul") {
             raw_outputs.push((i, out.clone()));
+        }
+        if !rules.quantize_outputs {
+            continue;
         }
         let users = consumers.get(out.as_str()).cloned().unwrap_or_default();
         let fused = match users.as_slice() {
@@ -230,6 +341,12 @@ fn decide(g: &Graph, opts: &QuantOptions) -> Result<Decisions> {
             None => add(&out, &mut tensors),
         }
     }
+    // Outputs of ops the target must run in float stay float wherever they are read.
+    tensors.retain(|t| {
+        !producers
+            .get(t.as_str())
+            .is_some_and(|p| rules.float_ops.iter().any(|(op, _)| *op == p.op_type))
+    });
     Ok(Decisions {
         nodes,
         tensors,
@@ -285,8 +402,9 @@ pub fn quantize(
     let d = decide(g, opts)?;
     ensure!(
         !d.nodes.is_empty(),
-        "no node of the model can be quantized (quantizable ops: {})",
-        QUANT_OPS.join(", ")
+        "no node of the model can be quantized (quantizable ops for target {:?}: {})",
+        opts.target,
+        opts.target.rules().ops.join(", ")
     );
     let act = opts.activation_target();
 
@@ -332,6 +450,7 @@ pub fn quantize(
         per_channel: opts.per_channel,
         activation_type: format!("{:?}", act.qtype).to_lowercase(),
         target: format!("{:?}", opts.target).to_lowercase(),
+        target_rules: opts.target.describe(),
         ..Default::default()
     };
     for t in &d.tensors {
@@ -598,6 +717,9 @@ fn build_qdq(
         };
         g.nodes[i].inputs[1] = deq_name;
         // Bias: int32 with scale = input scale × weight scale, zero point 0.
+        if !opts.target.rules().int32_bias {
+            continue;
+        }
         let x = n.inputs[0].clone();
         let x = original_name.get(&x).unwrap_or(&x);
         if let (Some(bname), Some(px)) = (n.input(2).map(str::to_string), params.get(x)) {
@@ -820,6 +942,90 @@ mod graph_tests {
             }
             Ok(())
         }
+    }
+
+    /// x → Conv → Softmax → MatMul(weight) → y, then Add with a residual from the Softmax.
+    fn conv_softmax_matmul() -> Model {
+        model(
+            vec![value("x", 1, &[1, 1, 4, 4])],
+            vec![value("y", 1, &[1, 2, 4, 3])],
+            vec![
+                node("conv", "Conv", &["x", "w", "b"], &["c"]),
+                node("softmax", "Softmax", &["c"], &["s"]),
+                node("matmul", "MatMul", &["s", "m"], &["mm"]),
+                node("add", "Add", &["mm", "r"], &["y"]),
+                node("slice", "Slice", &["s", "st", "en", "ax"], &["r"]),
+            ],
+            vec![
+                Tensor::new("w", vec![2, 1, 1, 1], Data::F32(vec![0.5, -0.25])),
+                Tensor::new("b", vec![2], Data::F32(vec![0.1, -0.2])),
+                Tensor::new(
+                    "m",
+                    vec![4, 3],
+                    Data::F32((0..12).map(|i| i as f32 / 7.0 - 0.8).collect()),
+                ),
+                Tensor::new("st", vec![1], Data::I64(vec![0])),
+                Tensor::new("en", vec![1], Data::I64(vec![3])),
+                Tensor::new("ax", vec![1], Data::I64(vec![3])),
+            ],
+            17,
+        )
+    }
+
+    fn quantized_tensors(q: &Model) -> Vec<String> {
+        let g = &q.graph;
+        let mut v: Vec<String> = g
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "DequantizeLinear")
+            .filter(|n| !g.initializers.contains_key(&n.inputs[0]))
+            .map(|n| n.outputs[0].clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn each_target_applies_its_rules() {
+        let m = conv_softmax_matmul();
+        let run = |target| {
+            let opts = QuantOptions {
+                target,
+                bias_correction: false,
+                ..Default::default()
+            };
+            quantize(&m, &opts, &mut Synthetic, &()).unwrap()
+        };
+        // ORT: inputs and outputs of Conv, MatMul and Add, the Softmax output included.
+        let (ort, r) = run(QuantTarget::Ort);
+        assert_eq!(quantized_tensors(&ort), ["a0_dq", "c", "mm", "r", "s", "y"]);
+        assert!(r.target_rules.iter().any(|l| l.contains("int32")));
+        // tract: the same but the Softmax output stays float, for MatMul and the Slice alike.
+        let (tract, r) = run(QuantTarget::Tract);
+        assert_eq!(quantized_tensors(&tract), ["a0_dq", "c", "mm", "r", "y"]);
+        assert!(r
+            .target_rules
+            .iter()
+            .any(|l| l.starts_with("Softmax stays float")));
+        let g = &tract.graph;
+        let sm = g.nodes.iter().find(|n| n.op_type == "Softmax").unwrap();
+        assert!(g.consumers()[sm.outputs[0].as_str()]
+            .iter()
+            .all(|&c| g.nodes[c].op_type != "QuantizeLinear"));
+        // TensorRT: inputs only (no Q/DQ on the Conv or Add outputs), the Add input that the
+        // MatMul produces left float, int8 zero points of 0, float biases.
+        let (trt, _) = run(QuantTarget::Tensorrt);
+        assert_eq!(quantized_tensors(&trt), ["a0_dq", "r", "s"]);
+        let g = &trt.graph;
+        for n in g.nodes.iter().filter(|n| n.op_type == "QuantizeLinear") {
+            assert_eq!(g.initializers[&n.inputs[2]].data, Data::I8(vec![0]));
+        }
+        assert!(!g
+            .initializers
+            .values()
+            .any(|t| matches!(t.data, Data::I32(_))));
+        let conv = g.nodes.iter().find(|n| n.op_type == "Conv").unwrap();
+        assert!(g.initializers.contains_key(&conv.inputs[2]), "float bias");
     }
 
     // The Conv reading the graph input sees it through a renamed DequantizeLinear output; its
