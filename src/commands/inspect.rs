@@ -163,7 +163,7 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitStatus> {
     out.push_str(&format!("MACs per sample: {}\n", human(s.macs)));
     let mut layers: Vec<_> = s.layers.iter().collect();
     if !args.all_layers {
-        layers.sort_by(|a, b| b.macs.cmp(&a.macs));
+        layers.sort_by_key(|l| std::cmp::Reverse(l.macs));
         layers.truncate(10);
     }
     for l in layers {

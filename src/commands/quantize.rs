@@ -138,31 +138,27 @@ struct DatasetRunner<'a> {
 }
 
 impl Runner for DatasetRunner<'_> {
-    fn run(
-        &mut self,
-        model: &Model,
-        sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
-    ) -> Result<()> {
+    fn run(&mut self, model: &Model, sink: &mut crate::quant::qdq::OutputSink<'_>) -> Result<()> {
         let bytes = prost::Message::encode_to_vec(&model.to_proto());
         let names: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
         let [c, h, w] = self.ds.sample_shape();
         let batch = calibration_batch(model, self.batch);
-        let mut sessions: Vec<(usize, Box<dyn runtime::Session>)> = Vec::new();
+        // One session at a time: only the last batch can be smaller, and a second session
+        // would hold a second copy of the runtime's buffers.
+        let mut session: Option<(usize, Box<dyn runtime::Session>)> = None;
         let rt = self.rt.clone();
         self.bar.start("calibrating", self.indices.len() as u64);
         self.ds.for_each_subset_batch(&self.indices, batch, |b| {
             let n = b.shape[0];
-            let s = match sessions.iter().position(|(k, _)| *k == n) {
-                Some(i) => &mut sessions[i].1,
-                None => {
-                    sessions.push((
-                        n,
-                        runtime::open(&bytes, &[n, c, h, w], &rt)
-                            .context("cannot run the model for calibration")?,
-                    ));
-                    &mut sessions.last_mut().expect("pushed").1
-                }
-            };
+            if session.as_ref().is_none_or(|(k, _)| *k != n) {
+                session = None;
+                session = Some((
+                    n,
+                    runtime::open(&bytes, &[n, c, h, w], &rt)
+                        .context("cannot run the model for calibration")?,
+                ));
+            }
+            let s = &mut session.as_mut().expect("opened above").1;
             let outs = s.run(&b.x)?;
             ensure!(
                 outs.len() == names.len(),
@@ -229,6 +225,9 @@ struct FullReport<'a> {
     size_ratio: f64,
     calib: String,
     calib_samples: usize,
+    /// Which samples of the calibration data were used (ascending), so that another tool
+    /// can be calibrated on exactly the same ones.
+    calib_indices: &'a [usize],
     seed: u64,
     prepared: &'a Prepared,
     accuracy_before_top1: Option<f64>,
@@ -296,9 +295,10 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         ..Default::default()
     };
     let bar = BarReporter::default();
+    let calib_indices = ds.sample_indices(args.calib_samples, args.seed);
     let mut runner = DatasetRunner {
         ds: &ds,
-        indices: ds.sample_indices(args.calib_samples, args.seed),
+        indices: calib_indices.clone(),
         rt: rt.clone(),
         batch: 32,
         bar: &bar,
@@ -406,6 +406,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         size_ratio: size_after as f64 / size_before as f64,
         calib: calib.display().to_string(),
         calib_samples: args.calib_samples.min(ds.len()),
+        calib_indices: &calib_indices,
         seed: args.seed,
         prepared: &prepared,
         accuracy_before_top1: before,
@@ -575,26 +576,25 @@ fn run_fp16(args: &QuantizeArgs) -> Result<ExitStatus> {
             .with_context(|| format!("cannot open {}", data.display()))?;
         let indices = ds.sample_indices(args.calib_samples.min(FP16_COMPARE_SAMPLES), args.seed);
         let [c, h, w] = ds.sample_shape();
-        let mut sessions: Vec<(usize, Box<dyn runtime::Session>, Box<dyn runtime::Session>)> =
-            Vec::new();
+        // The float32 and float16 sessions for the current batch size (only the last batch
+        // can be smaller).
+        type Pair = (usize, Box<dyn runtime::Session>, Box<dyn runtime::Session>);
+        let mut sessions: Option<Pair> = None;
         ds.for_each_subset_batch(&indices, 32, |b| {
             let n = b.shape[0];
-            let i = match sessions.iter().position(|(k, _, _)| *k == n) {
-                Some(i) => i,
-                None => {
-                    let open = |bytes: &[u8], what: &str| {
-                        runtime::open(bytes, &[n, c, h, w], &rt)
-                            .with_context(|| format!("cannot run the {what} model"))
-                    };
-                    sessions.push((
-                        n,
-                        open(&float_bytes, "float32")?,
-                        open(&half_bytes, "float16")?,
-                    ));
-                    sessions.len() - 1
-                }
-            };
-            let (_, f, h) = &mut sessions[i];
+            if sessions.as_ref().is_none_or(|(k, _, _)| *k != n) {
+                sessions = None;
+                let open = |bytes: &[u8], what: &str| {
+                    runtime::open(bytes, &[n, c, h, w], &rt)
+                        .with_context(|| format!("cannot run the {what} model"))
+                };
+                sessions = Some((
+                    n,
+                    open(&float_bytes, "float32")?,
+                    open(&half_bytes, "float16")?,
+                ));
+            }
+            let (_, f, h) = sessions.as_mut().expect("opened above");
             let fo = f.run(&b.x)?;
             let ho = h.run(&b.x)?;
             for (a, b) in fo.iter().zip(&ho) {

@@ -366,28 +366,6 @@ impl NpzReader {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_v1_is_parsed() {
-        let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (64, 1, 28, 28), }";
-        let mut b = b"\x93NUMPY\x01\x00".to_vec();
-        b.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-        b.extend_from_slice(dict.as_bytes());
-        let h = read_header(&mut &b[..]).unwrap();
-        assert_eq!(h.dtype, Dtype::F32);
-        assert_eq!(h.shape, vec![64, 1, 28, 28]);
-        assert_eq!(h.header_bytes, 10 + dict.len());
-    }
-
-    #[test]
-    fn bad_magic_is_an_error() {
-        assert!(read_header(&mut &b"PK\x03\x04garbage"[..]).is_err());
-    }
-}
-
 /// Reads one whole array of an `.npz` archive as f32 (for references and small inputs).
 pub fn read_npz_array(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -410,4 +388,26 @@ pub fn read_npz_array(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)>
             .map(|b| h.dtype.to_f64(b) as f32)
             .collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_v1_is_parsed() {
+        let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (64, 1, 28, 28), }";
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+        b.extend_from_slice(dict.as_bytes());
+        let h = read_header(&mut &b[..]).unwrap();
+        assert_eq!(h.dtype, Dtype::F32);
+        assert_eq!(h.shape, vec![64, 1, 28, 28]);
+        assert_eq!(h.header_bytes, 10 + dict.len());
+    }
+
+    #[test]
+    fn bad_magic_is_an_error() {
+        assert!(read_header(&mut &b"PK\x03\x04garbage"[..]).is_err());
+    }
 }

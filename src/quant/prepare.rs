@@ -261,6 +261,100 @@ fn raise_opset(model: &mut Model) -> Result<()> {
     Ok(())
 }
 
+/// Cross-layer equalization (Nagel et al., "Data-Free Quantization Through Weight
+/// Equalization and Bias Correction", ICCV 2019, §4.1) of Conv → [Relu|LeakyRelu] → Conv
+/// chains, so that per-tensor or per-channel int8 grids fit both layers' channel ranges.
+/// Only positively homogeneous activations keep the float function unchanged; pairs across
+/// Clip (ReLU6) and others are left alone and counted in the second value returned.
+pub fn equalize_pairs(g: &mut Graph) -> Result<(Vec<(String, String)>, usize)> {
+    let consumers = g.consumers();
+    let mut pairs = Vec::new();
+    let mut skipped = 0;
+    let single = |t: &str| consumers.get(t).filter(|c| c.len() == 1).map(|c| c[0]);
+    for (i, first) in g.nodes.iter().enumerate() {
+        if first.op_type != "Conv" || g.is_output(&first.outputs[0]) {
+            continue;
+        }
+        let Some(mut j) = single(&first.outputs[0]) else {
+            continue;
+        };
+        let mid = &g.nodes[j];
+        if matches!(mid.op_type.as_str(), "Relu" | "LeakyRelu" | "Clip") {
+            if mid.op_type == "Clip" {
+                skipped += 1;
+                continue;
+            }
+            if g.is_output(&mid.outputs[0]) {
+                continue;
+            }
+            match single(&mid.outputs[0]) {
+                Some(k) => j = k,
+                None => continue,
+            }
+        }
+        let second = &g.nodes[j];
+        if second.op_type != "Conv" || j == i {
+            continue;
+        }
+        let (Some(w1), Some(w2)) = (
+            g.initializers.get(&first.inputs[1]),
+            g.initializers.get(&second.inputs[1]),
+        ) else {
+            continue;
+        };
+        if w1.as_f32().is_none() || w2.as_f32().is_none() || first.inputs[1] == second.inputs[1] {
+            continue;
+        }
+        let g2 = second.attr_int("group", 1)? as usize;
+        let axis2 = if g2 == 1 {
+            1
+        } else if g2 == w2.dims[0] && w2.dims[1] == 1 && w2.dims[0] == w1.dims[0] {
+            0
+        } else {
+            continue;
+        };
+        if w2.dims[axis2] != w1.dims[0] {
+            continue;
+        }
+        pairs.push((i, j, axis2));
+    }
+    let mut done = Vec::new();
+    for (i, j, axis2) in pairs {
+        let (n1, n2) = (g.nodes[i].clone(), g.nodes[j].clone());
+        let mut w1 = g.initializers[&n1.inputs[1]].clone();
+        let mut w2 = g.initializers[&n2.inputs[1]].clone();
+        let mut b1 = n1.input(2).and_then(|b| g.initializers.get(b)).cloned();
+        let (Data::F32(d1), Data::F32(d2)) = (&mut w1.data, &mut w2.data) else {
+            continue;
+        };
+        let bias = match b1.as_mut().map(|b| &mut b.data) {
+            Some(Data::F32(v)) => Some(v.as_mut_slice()),
+            _ => None,
+        };
+        super::equalize::equalize(
+            super::equalize::Weight {
+                data: d1,
+                shape: &w1.dims,
+                axis: 0,
+            },
+            bias,
+            super::equalize::Weight {
+                data: d2,
+                shape: &w2.dims,
+                axis: axis2,
+            },
+        )
+        .with_context(|| format!("cannot equalize `{}` and `{}`", n1.name, n2.name))?;
+        g.initializers.insert(n1.inputs[1].clone(), w1);
+        g.initializers.insert(n2.inputs[1].clone(), w2);
+        if let Some(b) = b1 {
+            g.initializers.insert(b.name.clone(), b);
+        }
+        done.push((n1.name, n2.name));
+    }
+    Ok((done, skipped))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,98 +449,4 @@ mod tests {
             .iter()
             .any(|o| o.domain.is_empty() && o.version == 13));
     }
-}
-
-/// Cross-layer equalization (Nagel et al., "Data-Free Quantization Through Weight
-/// Equalization and Bias Correction", ICCV 2019, §4.1) of Conv → [Relu|LeakyRelu] → Conv
-/// chains, so that per-tensor or per-channel int8 grids fit both layers' channel ranges.
-/// Only positively homogeneous activations keep the float function unchanged; pairs across
-/// Clip (ReLU6) and others are left alone and counted in the second value returned.
-pub fn equalize_pairs(g: &mut Graph) -> Result<(Vec<(String, String)>, usize)> {
-    let consumers = g.consumers();
-    let mut pairs = Vec::new();
-    let mut skipped = 0;
-    let single = |t: &str| consumers.get(t).filter(|c| c.len() == 1).map(|c| c[0]);
-    for (i, first) in g.nodes.iter().enumerate() {
-        if first.op_type != "Conv" || g.is_output(&first.outputs[0]) {
-            continue;
-        }
-        let Some(mut j) = single(&first.outputs[0]) else {
-            continue;
-        };
-        let mid = &g.nodes[j];
-        if matches!(mid.op_type.as_str(), "Relu" | "LeakyRelu" | "Clip") {
-            if mid.op_type == "Clip" {
-                skipped += 1;
-                continue;
-            }
-            if g.is_output(&mid.outputs[0]) {
-                continue;
-            }
-            match single(&mid.outputs[0]) {
-                Some(k) => j = k,
-                None => continue,
-            }
-        }
-        let second = &g.nodes[j];
-        if second.op_type != "Conv" || j == i {
-            continue;
-        }
-        let (Some(w1), Some(w2)) = (
-            g.initializers.get(&first.inputs[1]),
-            g.initializers.get(&second.inputs[1]),
-        ) else {
-            continue;
-        };
-        if w1.as_f32().is_none() || w2.as_f32().is_none() || first.inputs[1] == second.inputs[1] {
-            continue;
-        }
-        let g2 = second.attr_int("group", 1)? as usize;
-        let axis2 = if g2 == 1 {
-            1
-        } else if g2 == w2.dims[0] && w2.dims[1] == 1 && w2.dims[0] == w1.dims[0] {
-            0
-        } else {
-            continue;
-        };
-        if w2.dims[axis2] != w1.dims[0] {
-            continue;
-        }
-        pairs.push((i, j, axis2));
-    }
-    let mut done = Vec::new();
-    for (i, j, axis2) in pairs {
-        let (n1, n2) = (g.nodes[i].clone(), g.nodes[j].clone());
-        let mut w1 = g.initializers[&n1.inputs[1]].clone();
-        let mut w2 = g.initializers[&n2.inputs[1]].clone();
-        let mut b1 = n1.input(2).and_then(|b| g.initializers.get(b)).cloned();
-        let (Data::F32(d1), Data::F32(d2)) = (&mut w1.data, &mut w2.data) else {
-            continue;
-        };
-        let bias = match b1.as_mut().map(|b| &mut b.data) {
-            Some(Data::F32(v)) => Some(v.as_mut_slice()),
-            _ => None,
-        };
-        super::equalize::equalize(
-            super::equalize::Weight {
-                data: d1,
-                shape: &w1.dims,
-                axis: 0,
-            },
-            bias,
-            super::equalize::Weight {
-                data: d2,
-                shape: &w2.dims,
-                axis: axis2,
-            },
-        )
-        .with_context(|| format!("cannot equalize `{}` and `{}`", n1.name, n2.name))?;
-        g.initializers.insert(n1.inputs[1].clone(), w1);
-        g.initializers.insert(n2.inputs[1].clone(), w2);
-        if let Some(b) = b1 {
-            g.initializers.insert(b.name.clone(), b);
-        }
-        done.push((n1.name, n2.name));
-    }
-    Ok((done, skipped))
 }

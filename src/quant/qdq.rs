@@ -12,7 +12,7 @@ use super::arith::{
 };
 use super::calib::{Method, RangeOptions, Target, TensorStats};
 use super::equalize::ChannelMeans;
-use crate::onnx::ir::{make_attr_int, Graph, Model, Node, ValueInfo};
+use crate::onnx::ir::{make_attr_int, make_attr_ints, Graph, Model, Node, ValueInfo};
 use crate::onnx::{Data, Tensor};
 
 /// The runtime a quantized model is tuned for; [`QuantTarget::rules`] says what changes.
@@ -184,12 +184,11 @@ impl QuantOptions {
 pub trait Runner {
     /// Runs `model` (whose outputs have been set to `outputs`) over every calibration batch,
     /// calling `sink(name, shape, values)` for each output of each batch.
-    fn run(
-        &mut self,
-        model: &Model,
-        sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
-    ) -> Result<()>;
+    fn run(&mut self, model: &Model, sink: &mut OutputSink<'_>) -> Result<()>;
 }
+
+/// Receives one output of one calibration batch: its name, shape and values.
+pub type OutputSink<'a> = dyn FnMut(&str, &[usize], &[f32]) -> Result<()> + 'a;
 
 /// Progress of calibration passes.
 pub trait QuantProgress {
@@ -357,6 +356,12 @@ fn decide(g: &Graph, opts: &QuantOptions) -> Result<Decisions> {
 /// The model with its outputs replaced by `names` (float tensors), for calibration passes.
 pub fn with_outputs(model: &Model, names: &[String]) -> Model {
     let mut m = model.clone();
+    set_outputs(&mut m, names);
+    m
+}
+
+/// Replaces the outputs of `m` by `names` (float tensors).
+fn set_outputs(m: &mut Model, names: &[String]) {
     m.graph.outputs = names
         .iter()
         .map(|n| ValueInfo {
@@ -366,7 +371,6 @@ pub fn with_outputs(model: &Model, names: &[String]) -> Model {
         })
         .collect();
     m.graph.value_info.clear();
-    m
 }
 
 fn f32_tensor(name: &str, dims: Vec<usize>, v: Vec<f32>) -> Tensor {
@@ -407,8 +411,132 @@ pub fn quantize(
         opts.target.rules().ops.join(", ")
     );
     let act = opts.activation_target();
+    let mut report = QuantReport {
+        method: opts.method.to_string(),
+        per_channel: opts.per_channel,
+        activation_type: format!("{:?}", act.qtype).to_lowercase(),
+        target: format!("{:?}", opts.target).to_lowercase(),
+        target_rules: opts.target.describe(),
+        ..Default::default()
+    };
 
-    // Pass 1: activation statistics, and per-channel means of weight-layer outputs.
+    // Weights: symmetric int8, per channel unless asked otherwise. They need no calibration,
+    // so they are quantized first and bias correction can measure them in the same pass.
+    let mut qweights: HashMap<String, (PerChannel, Vec<usize>)> = HashMap::new();
+    let mut dequantized: HashMap<String, Vec<f32>> = HashMap::new();
+    for &i in &d.nodes {
+        let n = &g.nodes[i];
+        if !matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul") {
+            continue;
+        }
+        let Some(w) = n.input(1).and_then(|w| g.initializers.get(w)) else {
+            continue;
+        };
+        let data = w
+            .as_f32()
+            .with_context(|| n.unsupported("weights must be float32 to quantize"))?;
+        if qweights.contains_key(&w.name) {
+            continue;
+        }
+        let axis = weight_axis(n, w)?;
+        let pc = if opts.per_channel {
+            quantize_per_channel(data, &w.dims, axis)
+        } else {
+            quantize_per_channel(data, &[1, data.len()], 0).map(|p| PerChannel { axis, ..p })
+        }
+        .with_context(|| format!("cannot quantize the weights of node `{}`", n.name))?;
+        let deq = if opts.per_channel {
+            pc.dequantize(&w.dims)
+        } else {
+            pc.data.iter().map(|&q| q as f32 * pc.scales[0]).collect()
+        };
+        report.layers.push(LayerReport {
+            node: n.name.clone(),
+            op: n.op_type.clone(),
+            weight: w.name.clone(),
+            weight_sqnr_db: sqnr_db(data, &deq),
+            bias_correction_max_abs: None,
+            bias_saturated: 0,
+        });
+        if opts.bias_correction {
+            dequantized.insert(w.name.clone(), deq);
+        }
+        qweights.insert(w.name.clone(), (pc, w.dims.clone()));
+    }
+
+    // Bias correction (Nagel et al., "Data-Free Quantization", 2019, §4.2, empirical form):
+    // the mean shift that rounding its weights causes in each output channel of a layer,
+    // measured on the calibration data, is added back to the layer's bias. Each layer is
+    // measured on its own: a shadow copy with the rounded weights reads the same float input,
+    // so a shift caused upstream (which that layer's own correction removes) is not counted
+    // twice. The graph itself subtracts the two outputs and averages over space, so only
+    // [batch, channels] per layer leaves the runtime.
+    let mut shadows: Vec<(usize, String)> = Vec::new(); // (node, per-sample channel shift)
+                                                        // The model the calibration pass runs: the float model with its outputs replaced, and
+                                                        // the shadow layers when correcting biases.
+    let mut calib_model = model.clone();
+    if opts.bias_correction {
+        for (i, out) in &d.raw_outputs {
+            let n = &g.nodes[*i];
+            if n.op_type == "MatMul" {
+                continue; // No bias input to correct.
+            }
+            let Some(deq) = n.input(1).and_then(|w| dequantized.get(w).cloned()) else {
+                continue;
+            };
+            let cg = &mut calib_model.graph;
+            let w = cg.fresh_name(&format!("{}_wq", n.name));
+            let dims = g.initializers[n.input(1).expect("weight")].dims.clone();
+            let spatial_rank = dims.len().saturating_sub(2) as i64;
+            cg.initializers.insert(w.clone(), f32_tensor(&w, dims, deq));
+            let shadow_out = cg.fresh_name(&format!("{out}_wq"));
+            let mut shadow = n.clone();
+            shadow.name = cg.fresh_name(&format!("{}_wq", n.name));
+            shadow.inputs[1] = w;
+            shadow.outputs = vec![shadow_out.clone()];
+            cg.nodes.push(shadow);
+            let diff = cg.fresh_name(&format!("{out}_shift"));
+            cg.nodes.push(node(
+                cg.fresh_name(&format!("{}_shift", n.name)),
+                "Sub",
+                vec![out.clone(), shadow_out],
+                vec![diff.clone()],
+            ));
+            // Conv outputs are [N, C, spatial...]: the mean over space; Gemm's are [N, C].
+            let shift = if n.op_type == "Conv" {
+                let mean = cg.fresh_name(&format!("{out}_shift_mean"));
+                let axes: Vec<i64> = (2..2 + spatial_rank).collect();
+                let mut r = node(
+                    cg.fresh_name(&format!("{}_shift_mean", n.name)),
+                    "ReduceMean",
+                    vec![diff],
+                    vec![mean.clone()],
+                );
+                r.attributes.push(make_attr_int("keepdims", 0));
+                if calib_model.opset >= 18 {
+                    let a = cg.fresh_name(&format!("{}_axes", n.name));
+                    cg.initializers.insert(
+                        a.clone(),
+                        Tensor::new(a.clone(), vec![axes.len()], Data::I64(axes)),
+                    );
+                    r.inputs.push(a);
+                } else {
+                    r.attributes.push(make_attr_ints("axes", axes));
+                }
+                cg.nodes.push(r);
+                mean
+            } else {
+                diff
+            };
+            shadows.push((*i, shift));
+        }
+        calib_model
+            .graph
+            .sort_topologically()
+            .context("cannot add the bias-correction layers")?;
+    }
+
+    // One pass: activation statistics, and per-channel means of the float and shadow outputs.
     progress.pass("calibration");
     let mut stats: HashMap<String, TensorStats> = d
         .tensors
@@ -416,17 +544,16 @@ pub fn quantize(
         .map(|t| (t.clone(), TensorStats::new(t.clone())))
         .collect();
     let mut power: HashMap<String, (f64, u64)> = HashMap::new();
-    let mut float_means: HashMap<String, ChannelMeans> = HashMap::new();
+    let mut means: HashMap<String, ChannelMeans> = HashMap::new();
     let mut outputs: Vec<String> = d.tensors.clone();
-    for (_, o) in &d.raw_outputs {
-        if !outputs.contains(o) {
-            outputs.push(o.clone());
-        }
-    }
-    let raw: HashSet<&str> = d.raw_outputs.iter().map(|(_, o)| o.as_str()).collect();
-    let want_means = opts.bias_correction;
+    outputs.extend(shadows.iter().map(|(_, shift)| shift.clone()));
+    let averaged: HashSet<&str> = shadows.iter().map(|(_, shift)| shift.as_str()).collect();
     runner.run(
-        &with_outputs(model, &outputs),
+        &{
+            drop(dequantized);
+            set_outputs(&mut calib_model, &outputs);
+            calib_model
+        },
         &mut |name, shape, values| {
             if let Some(s) = stats.get_mut(name) {
                 s.observe(values)?;
@@ -434,8 +561,8 @@ pub fn quantize(
                 e.0 += super::calib::sum_squares(values);
                 e.1 += values.len() as u64;
             }
-            if want_means && raw.contains(name) && shape.len() >= 2 {
-                float_means
+            if averaged.contains(name) && shape.len() >= 2 {
+                means
                     .entry(name.to_string())
                     .or_insert_with(|| ChannelMeans::new(shape[1]))
                     .observe(values, shape, 1)?;
@@ -445,14 +572,6 @@ pub fn quantize(
     )?;
 
     let mut params: BTreeMap<String, QParams> = BTreeMap::new();
-    let mut report = QuantReport {
-        method: opts.method.to_string(),
-        per_channel: opts.per_channel,
-        activation_type: format!("{:?}", act.qtype).to_lowercase(),
-        target: format!("{:?}", opts.target).to_lowercase(),
-        target_rules: opts.target.describe(),
-        ..Default::default()
-    };
     for t in &d.tensors {
         let s = &stats[t];
         let sel = s
@@ -485,116 +604,46 @@ pub fn quantize(
         params.insert(t.clone(), p);
     }
 
-    // Weights: symmetric int8, per channel unless asked otherwise.
-    let mut qweights: HashMap<String, (PerChannel, Vec<usize>)> = HashMap::new();
-    for &i in &d.nodes {
-        let n = &g.nodes[i];
-        if !matches!(n.op_type.as_str(), "Conv" | "Gemm" | "MatMul") {
-            continue;
-        }
-        let Some(w) = n.input(1).and_then(|w| g.initializers.get(w)) else {
-            continue;
-        };
-        let data = w
-            .as_f32()
-            .with_context(|| n.unsupported("weights must be float32 to quantize"))?;
-        if qweights.contains_key(&w.name) {
-            continue;
-        }
-        let axis = weight_axis(n, w)?;
-        let pc = if opts.per_channel {
-            quantize_per_channel(data, &w.dims, axis)
-        } else {
-            quantize_per_channel(data, &[1, data.len()], 0).map(|p| PerChannel { axis, ..p })
-        }
-        .with_context(|| format!("cannot quantize the weights of node `{}`", n.name))?;
-        let deq = if opts.per_channel {
-            pc.dequantize(&w.dims)
-        } else {
-            data.iter()
-                .zip(&pc.data)
-                .map(|(_, &q)| q as f32 * pc.scales[0])
-                .collect()
-        };
-        report.layers.push(LayerReport {
-            node: n.name.clone(),
-            op: n.op_type.clone(),
-            weight: w.name.clone(),
-            weight_sqnr_db: sqnr_db(data, &deq),
-            bias_correction_max_abs: None,
-            bias_saturated: 0,
-        });
-        qweights.insert(w.name.clone(), (pc, w.dims.clone()));
-    }
-
-    // Bias correction (Nagel et al., "Data-Free Quantization", 2019, §4.2, empirical form):
-    // the mean shift that weight rounding causes in each output channel, measured on the
-    // calibration data, is added back to the bias.
     let mut model = model.clone();
-    if opts.bias_correction && !d.raw_outputs.is_empty() {
-        progress.pass("bias correction");
-        let mut wq = model.clone();
-        for (name, (pc, dims)) in &qweights {
-            let deq = if opts.per_channel {
-                pc.dequantize(dims)
-            } else {
-                pc.data.iter().map(|&q| q as f32 * pc.scales[0]).collect()
-            };
-            wq.graph
-                .initializers
-                .insert(name.clone(), f32_tensor(name, dims.clone(), deq));
+    for (i, shift) in &shadows {
+        let n = model.graph.nodes[*i].clone();
+        let Some(m) = means.get(shift) else {
+            continue;
+        };
+        let delta = m.means();
+        if let Some(bad) = delta.iter().find(|v| !v.is_finite()) {
+            bail!(n.unsupported(format!("its bias correction is {bad}")));
         }
-        let names: Vec<String> = d.raw_outputs.iter().map(|(_, o)| o.clone()).collect();
-        let mut quant_means: HashMap<String, ChannelMeans> = HashMap::new();
-        runner.run(&with_outputs(&wq, &names), &mut |name, shape, values| {
-            if shape.len() >= 2 {
-                quant_means
-                    .entry(name.to_string())
-                    .or_insert_with(|| ChannelMeans::new(shape[1]))
-                    .observe(values, shape, 1)?;
+        let c = delta.len();
+        let bias_name = match n.input(2) {
+            Some(b) => b.to_string(),
+            None => {
+                let b = model.graph.fresh_name(&format!("{}_bias", n.name));
+                model
+                    .graph
+                    .initializers
+                    .insert(b.clone(), f32_tensor(&b, vec![c], vec![0.0; c]));
+                model.graph.nodes[*i].inputs.resize(2, String::new());
+                model.graph.nodes[*i].inputs.push(b.clone());
+                b
             }
-            Ok(())
-        })?;
-        for (i, out) in &d.raw_outputs {
-            let n = model.graph.nodes[*i].clone();
-            if n.op_type == "MatMul" {
-                continue; // No bias input to correct.
-            }
-            let (Some(f), Some(q)) = (float_means.get(out), quant_means.get(out)) else {
-                continue;
-            };
-            let delta = super::equalize::bias_correction(&f.means(), &q.means())?;
-            let c = delta.len();
-            let bias_name = match n.input(2) {
-                Some(b) => b.to_string(),
-                None => {
-                    let b = model.graph.fresh_name(&format!("{}_bias", n.name));
-                    model
-                        .graph
-                        .initializers
-                        .insert(b.clone(), f32_tensor(&b, vec![c], vec![0.0; c]));
-                    model.graph.nodes[*i].inputs.resize(2, String::new());
-                    model.graph.nodes[*i].inputs.push(b.clone());
-                    b
-                }
-            };
-            let b = model
-                .graph
-                .initializers
-                .get_mut(&bias_name)
-                .with_context(|| n.unsupported("its bias is not an initializer"))?;
-            let Data::F32(v) = &mut b.data else {
-                bail!(n.unsupported("its bias is not float32"))
-            };
-            if v.len() != c {
-                continue; // A broadcast Gemm bias: leave it.
-            }
-            for (x, dlt) in v.iter_mut().zip(&delta) {
-                *x += dlt;
-            }
-            if let Some(l) = report.layers.iter_mut().find(|l| l.node == n.name) {
-                l.bias_correction_max_abs = Some(delta.iter().fold(0.0f32, |m, x| m.max(x.abs())));
-            }
+        };
+        let b = model
+            .graph
+            .initializers
+            .get_mut(&bias_name)
+            .with_context(|| n.unsupported("its bias is not an initializer"))?;
+        let Data::F32(v) = &mut b.data else {
+            bail!(n.unsupported("its bias is not float32"))
+        };
+        if v.len() != c {
+            continue; // A broadcast Gemm bias: leave it.
+        }
+        for (x, dlt) in v.iter_mut().zip(&delta) {
+            *x += dlt;
+        }
+        if let Some(l) = report.layers.iter_mut().find(|l| l.node == n.name) {
+            l.bias_correction_max_abs = Some(delta.iter().fold(0.0f32, |m, x| m.max(x.abs())));
         }
     }
 
@@ -830,7 +879,7 @@ mod tests {
         fn run(
             &mut self,
             model: &Model,
-            sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
+            sink: &mut crate::quant::qdq::OutputSink<'_>,
         ) -> Result<()> {
             let bytes = prost::Message::encode_to_vec(&model.to_proto());
             let opts = RuntimeOptions {
@@ -934,13 +983,129 @@ mod graph_tests {
         fn run(
             &mut self,
             model: &Model,
-            sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
+            sink: &mut crate::quant::qdq::OutputSink<'_>,
         ) -> Result<()> {
             let v: Vec<f32> = (0..64).map(|i| i as f32 / 16.0 - 2.0).collect();
             for o in &model.graph.outputs {
                 sink(&o.name, &[1, 64], &v)?;
             }
             Ok(())
+        }
+    }
+
+    /// Per-output-channel mean of an NCHW tensor.
+    fn channel_means(shape: &[usize], v: &[f32]) -> Vec<f64> {
+        let (c, inner) = (shape[1], shape[2..].iter().product::<usize>());
+        let mut m = vec![0f64; c];
+        for (j, run) in v.chunks(inner).enumerate() {
+            m[j % c] += run.iter().map(|&x| f64::from(x)).sum::<f64>();
+        }
+        m.iter().map(|s| s / (v.len() / c) as f64).collect()
+    }
+
+    /// Two convs with coarse per-tensor weights: each layer's bias moves by the mean shift
+    /// its own rounded weights cause on the float model's input to it, E[W·x] − E[Wq·x],
+    /// computed here independently by running float models with one weight swapped.
+    /// (The TensorRT target keeps biases float, so the corrected values can be read back.)
+    #[test]
+    fn bias_correction_removes_each_layers_own_mean_shift() {
+        use crate::quant::testutil::{normal, run};
+        use crate::runtime::BackendKind;
+        let w1: Vec<f32> = normal(4 * 3 * 3, 1).iter().map(|v| v * 0.7 + 0.2).collect();
+        let w2: Vec<f32> = normal(3 * 4 * 3 * 3, 2)
+            .iter()
+            .map(|v| v * 0.3 + 0.05)
+            .collect();
+        let conv = |name: &str, i: &str, w: &str, b: &str, o: &str| {
+            let mut n = node(name, "Conv", &[i, w, b], &[o]);
+            n.attributes.push(make_attr_ints("pads", vec![1, 1, 1, 1]));
+            n
+        };
+        let m = model(
+            vec![value("x", 1, &[2, 1, 8, 8])],
+            vec![value("y", 1, &[2, 3, 8, 8])],
+            vec![
+                conv("conv1", "x", "w1", "b1", "c1"),
+                node("relu", "Relu", &["c1"], &["r1"]),
+                conv("conv2", "r1", "w2", "b2", "y"),
+            ],
+            vec![
+                Tensor::new("w1", vec![4, 1, 3, 3], Data::F32(w1)),
+                Tensor::new("b1", vec![4], Data::F32(vec![0.1, -0.2, 0.0, 0.3])),
+                Tensor::new("w2", vec![3, 4, 3, 3], Data::F32(w2)),
+                Tensor::new("b2", vec![3], Data::F32(vec![0.0, 0.5, -0.5])),
+            ],
+            17,
+        );
+        let batches: Vec<(Vec<usize>, Vec<f32>)> = (0..3)
+            .map(|k| {
+                let x = normal(2 * 64, 10 + k).iter().map(|v| v.abs()).collect();
+                (vec![2, 1, 8, 8], x)
+            })
+            .collect();
+        let mut runner = crate::quant::testutil::BatchRunner {
+            batches: batches.clone(),
+            backend: BackendKind::Tract,
+        };
+        let opts = QuantOptions {
+            per_channel: false,
+            target: QuantTarget::Tensorrt,
+            ..Default::default()
+        };
+        let (q, report) = quantize(&m, &opts, &mut runner, &()).unwrap();
+        let g = &q.graph;
+        let node_of = |name: &str| g.nodes.iter().find(|n| n.name == name).unwrap();
+        // The dequantized weights the quantized model uses.
+        let deq = |conv: &str| -> Vec<f32> {
+            let dq = &g.nodes[g.producers()[node_of(conv).inputs[1].as_str()]];
+            let Data::I8(w) = &g.initializers[&dq.inputs[0]].data else {
+                panic!()
+            };
+            let s = g.initializers[&dq.inputs[1]].as_f32().unwrap()[0];
+            w.iter().map(|&v| f32::from(v) * s).collect()
+        };
+        let mean_of = |model: &Model, output: &str| -> Vec<f64> {
+            let mut mm = with_outputs(model, &[output.to_string()]);
+            mm.graph.outputs[0].elem_type = 1;
+            let mut sums = vec![];
+            for (shape, x) in &batches {
+                let o = &run(&mm, BackendKind::Tract, shape, x).unwrap()[0];
+                sums.push(channel_means(&o.shape, &o.data));
+            }
+            (0..sums[0].len())
+                .map(|c| sums.iter().map(|s| s[c]).sum::<f64>() / sums.len() as f64)
+                .collect()
+        };
+        let swapped = |w: &str, conv: &str| {
+            let mut mm = m.clone();
+            let dims = mm.graph.initializers[w].dims.clone();
+            mm.graph
+                .initializers
+                .insert(w.into(), Tensor::new(w, dims, Data::F32(deq(conv))));
+            mm
+        };
+        for (conv, w, b, out) in [("conv1", "w1", "b1", "c1"), ("conv2", "w2", "b2", "y")] {
+            let want: Vec<f64> = mean_of(&m, out)
+                .iter()
+                .zip(mean_of(&swapped(w, conv), out))
+                .map(|(f, q)| f - q)
+                .collect();
+            assert!(
+                want.iter().any(|d| d.abs() > 1e-3),
+                "{conv}: no shift to correct"
+            );
+            let before = m.graph.initializers[b].as_f32().unwrap();
+            let after = g.initializers[&node_of(conv).inputs[2]].as_f32().unwrap();
+            for c in 0..want.len() {
+                let got = f64::from(after[c] - before[c]);
+                assert!(
+                    (got - want[c]).abs() < 1e-4,
+                    "{conv} channel {c}: {got} vs {}",
+                    want[c]
+                );
+            }
+            let l = report.layers.iter().find(|l| l.node == conv).unwrap();
+            assert!(l.bias_correction_max_abs.unwrap() > 1e-3);
         }
     }
 

@@ -110,11 +110,7 @@ pub struct BatchRunner {
 }
 
 impl Runner for BatchRunner {
-    fn run(
-        &mut self,
-        model: &Model,
-        sink: &mut dyn FnMut(&str, &[usize], &[f32]) -> Result<()>,
-    ) -> Result<()> {
+    fn run(&mut self, model: &Model, sink: &mut crate::quant::qdq::OutputSink<'_>) -> Result<()> {
         let names: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
         for (shape, x) in &self.batches {
             let outs = run(model, self.backend, shape, x)?;
