@@ -25,28 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                      QuantType, quantize_static)
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-
-def load_x(path):
-    d = np.load(path)
-    x = d["x"]
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    if x.ndim == 3:
-        x = x[:, None]
-    return x.astype(np.float32), d["y"] if "y" in d else None
-
-
-class Reader(CalibrationDataReader):
-    def __init__(self, x, name):
-        b = max(d for d in range(1, 33) if len(x) % d == 0)
-        self.it = iter([{name: x[i:i + b]} for i in range(0, len(x), b)])
-
-    def get_next(self):
-        return next(self.it, None)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
+from ort_quantize import Reader, load_x  # noqa: E402  (the same data loading as there)
 
 
 def logits(model, x):

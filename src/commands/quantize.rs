@@ -288,12 +288,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
             args.calib_samples
         ));
     }
-    let rt = RuntimeOptions {
-        backend: args.calib_backend,
-        threads: args.threads.unwrap_or_else(runtime::default_threads),
-        ort_lib: args.ort_lib.clone(),
-        ..Default::default()
-    };
+    let rt = runtime_options(args);
     let bar = BarReporter::default();
     let calib_indices = ds.sample_indices(args.calib_samples, args.seed);
     let mut runner = DatasetRunner {
@@ -418,12 +413,7 @@ pub fn run_quantize(args: &QuantizeArgs) -> Result<ExitStatus> {
         quant: &report,
     };
     let md = markdown(&full);
-    if let Some(p) = &args.report {
-        crate::util::write_atomic(p, serde_json::to_string_pretty(&full)?.as_bytes())?;
-        crate::util::write_atomic(&p.with_extension("md"), md.as_bytes())?;
-    }
-    print!("{md}");
-    Ok(ExitStatus::Success)
+    finish(args, &full, &md)
 }
 
 fn markdown(r: &FullReport) -> String {
@@ -560,12 +550,7 @@ fn run_fp16(args: &QuantizeArgs) -> Result<ExitStatus> {
     } else {
         half.clone()
     };
-    let rt = RuntimeOptions {
-        backend: args.calib_backend,
-        threads: args.threads.unwrap_or_else(runtime::default_threads),
-        ort_lib: args.ort_lib.clone(),
-        ..Default::default()
-    };
+    let rt = runtime_options(args);
     let float_bytes = prost::Message::encode_to_vec(&model.to_proto());
     let half_bytes = prost::Message::encode_to_vec(&checked.to_proto());
 
@@ -635,12 +620,7 @@ fn run_fp16(args: &QuantizeArgs) -> Result<ExitStatus> {
         fp16: &report,
     };
     let md = fp16_markdown(&full);
-    if let Some(p) = &args.report {
-        crate::util::write_atomic(p, serde_json::to_string_pretty(&full)?.as_bytes())?;
-        crate::util::write_atomic(&p.with_extension("md"), md.as_bytes())?;
-    }
-    print!("{md}");
-    Ok(ExitStatus::Success)
+    finish(args, &full, &md)
 }
 
 fn fp16_markdown(r: &Fp16FullReport) -> String {
@@ -679,4 +659,24 @@ fn fp16_markdown(r: &Fp16FullReport) -> String {
         }
     }
     s
+}
+
+/// The runtime that calibration, comparison and evaluation passes run on.
+fn runtime_options(args: &QuantizeArgs) -> RuntimeOptions {
+    RuntimeOptions {
+        backend: args.calib_backend,
+        threads: args.threads.unwrap_or_else(runtime::default_threads),
+        ort_lib: args.ort_lib.clone(),
+        ..Default::default()
+    }
+}
+
+/// Writes the report (JSON at `--report`, Markdown next to it) and prints the Markdown.
+fn finish(args: &QuantizeArgs, report: &impl Serialize, md: &str) -> Result<ExitStatus> {
+    if let Some(p) = &args.report {
+        crate::util::write_atomic(p, serde_json::to_string_pretty(report)?.as_bytes())?;
+        crate::util::write_atomic(&p.with_extension("md"), md.as_bytes())?;
+    }
+    print!("{md}");
+    Ok(ExitStatus::Success)
 }
