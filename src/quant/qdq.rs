@@ -444,7 +444,12 @@ pub fn quantize(
         } else {
             quantize_per_channel(data, &[1, data.len()], 0).map(|p| PerChannel { axis, ..p })
         }
-        .with_context(|| format!("cannot quantize the weights of node `{}`", n.name))?;
+        .with_context(|| {
+            format!(
+                "cannot quantize the weights `{}` of node `{}`",
+                w.name, n.name
+            )
+        })?;
         let deq = if opts.per_channel {
             pc.dequantize(&w.dims)
         } else {
